@@ -1,0 +1,177 @@
+// CPU entry points: instruction-set selection, activation preparation and
+// threading. The arithmetic lives in the per-instruction-set variants.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+#include "lowbit/cpu.h"
+#include "lowbit/format.h"
+
+namespace lowbit {
+namespace cpu {
+namespace {
+
+// Adapts a lambda to the type-erased RangeFn of the Parallel interface.
+template <class F>
+void for_range(const Parallel& par, int64_t n, int64_t grain, F&& f) {
+  RangeFn fn{&f, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); }};
+  par.for_range(n, grain, fn);
+}
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return true;
+#if defined(LOWBIT_HAVE_AVX2)
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+#endif
+#if defined(LOWBIT_HAVE_AVX512)
+    case Isa::kAvx512:
+      return cpu_has(Isa::kAvx2) && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512dq");
+#endif
+    default: return false;
+  }
+}
+
+Isa initial_isa() {
+  const char* forced = std::getenv("LOWBIT_CPU_ISA");
+  Isa isa;
+  if (forced && *forced && parse_isa(forced, &isa) && cpu_has(isa)) return isa;
+  // An unusable request falls back to the best variant; the Python layer
+  // validates LOWBIT_CPU_ISA and reports the problem with a clear message.
+  return best_supported_isa();
+}
+
+std::atomic<int32_t>& active_isa_slot() {
+  static std::atomic<int32_t> slot{static_cast<int32_t>(initial_isa())};
+  return slot;
+}
+
+LinearRowsFn linear_rows_for(Isa isa) {
+  switch (isa) {
+#if defined(LOWBIT_HAVE_AVX512)
+    case Isa::kAvx512: return avx512::linear_rows;
+#endif
+#if defined(LOWBIT_HAVE_AVX2)
+    case Isa::kAvx2: return avx2::linear_rows;
+#endif
+    default: return scalar::linear_rows;
+  }
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    default: return "scalar";
+  }
+}
+
+bool parse_isa(const char* name, Isa* out) {
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (std::strcmp(name, isa_name(isa)) == 0) {
+      *out = isa;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool isa_supported(Isa isa) { return cpu_has(isa); }
+
+Isa best_supported_isa() {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+    if (cpu_has(isa)) return isa;
+  }
+  return Isa::kScalar;
+}
+
+Isa active_isa() { return static_cast<Isa>(active_isa_slot().load()); }
+
+bool set_active_isa(Isa isa) {
+  if (!cpu_has(isa)) return false;
+  active_isa_slot().store(static_cast<int32_t>(isa));
+  return true;
+}
+
+void pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t* packed,
+          const Parallel& par) {
+  const int64_t row_words = words_per_row(k, bits);
+  for_range(par, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) pack_row(codes + r * k, k, bits, packed + r * row_words);
+  });
+}
+
+void unpack(const uint32_t* packed, int64_t n, int64_t k, int bits, uint8_t* codes,
+            const Parallel& par) {
+  const int64_t row_words = words_per_row(k, bits);
+  for_range(par, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) unpack_row(packed + r * row_words, k, bits, codes + r * k);
+  });
+}
+
+void dequantize(const QuantMatrix& w, void* out, DType out_dtype, const Parallel& par) {
+  const int64_t groups = w.groups();
+  for_range(par, w.n, 16, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> codes(static_cast<size_t>(w.k));
+    for (int64_t r = b; r < e; ++r) {
+      unpack_row(w.packed + r * w.row_words(), w.k, w.bits, codes.data());
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = load_as_float(w.scales, w.scale_dtype, r * groups + g);
+        const float z = load_as_float(w.zeros, w.scale_dtype, r * groups + g);
+        for (int64_t i = g * w.group_size; i < (g + 1) * w.group_size; ++i) {
+          store_from_float(out, out_dtype, r * w.k + i, s * (float(codes[i]) - z));
+        }
+      }
+    }
+  });
+}
+
+void linear(const QuantMatrix& w, const Activations& x, const void* bias, DType bias_dtype,
+            void* y, DType y_dtype, const Parallel& par) {
+  const int64_t k = w.k;
+  const int64_t groups = w.groups();
+  std::vector<float> xf(static_cast<size_t>(x.m * k));
+  std::vector<float> xsum(static_cast<size_t>(x.m * groups));
+  for_range(par, x.m, 4, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const int64_t src = m * x.stride;
+      for (int64_t i = 0; i < k; ++i) xf[m * k + i] = load_as_float(x.data, x.dtype, src + i);
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0.0f;
+        for (int64_t i = g * w.group_size; i < (g + 1) * w.group_size; ++i) s += xf[m * k + i];
+        xsum[m * groups + g] = s;
+      }
+    }
+  });
+
+  // The kernels write fp32; write straight into y when it is fp32 already.
+  std::vector<float> y_f32;
+  float* yf = static_cast<float*>(y);
+  if (y_dtype != DType::kF32) {
+    y_f32.resize(static_cast<size_t>(x.m * w.n));
+    yf = y_f32.data();
+  }
+  const PreparedX px{xf.data(), xsum.data(), x.m};
+  const LinearRowsFn rows = linear_rows_for(active_isa());
+  for_range(par, w.n, kRowsPerTask, [&](int64_t b, int64_t e) {
+    rows(w, px, b, e, yf);
+    for (int64_t m = 0; m < x.m; ++m) {
+      for (int64_t n = b; n < e; ++n) {
+        float v = yf[m * w.n + n];
+        if (bias) v += load_as_float(bias, bias_dtype, n);
+        store_from_float(y, y_dtype, m * w.n + n, v);
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace lowbit

@@ -1,0 +1,82 @@
+// The torch-free CPU kernel API: plain pointers, sizes and strides. The torch
+// binding (csrc/torch) and the C++ tests (csrc/tests) are its only callers.
+#pragma once
+
+#include <cstdint>
+
+#include "lowbit/half.h"
+
+namespace lowbit {
+namespace cpu {
+
+// Instruction sets with a kernel variant, in increasing order of preference.
+enum class Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa);
+// Parses "scalar", "avx2" or "avx512"; returns false for anything else.
+bool parse_isa(const char* name, Isa* out);
+// The best variant this CPU (and this build) can run.
+Isa best_supported_isa();
+bool isa_supported(Isa isa);
+// The variant the kernels use: best_supported_isa() unless forced, either by
+// the LOWBIT_CPU_ISA environment variable at load time or by set_active_isa.
+Isa active_isa();
+// Returns false (and changes nothing) if this CPU cannot run `isa`.
+bool set_active_isa(Isa isa);
+
+// Runs body(begin, end) over disjoint chunks covering [0, n), possibly in
+// parallel. The torch binding maps this onto at::parallel_for.
+struct RangeFn {
+  void* ctx;
+  void (*call)(void* ctx, int64_t begin, int64_t end);
+  void operator()(int64_t b, int64_t e) const { call(ctx, b, e); }
+};
+struct Parallel {
+  virtual void for_range(int64_t n, int64_t grain, RangeFn fn) const = 0;
+  virtual ~Parallel() = default;
+};
+// Runs everything on the calling thread.
+struct Serial final : Parallel {
+  void for_range(int64_t n, int64_t, RangeFn fn) const override {
+    if (n > 0) fn(0, n);
+  }
+};
+
+// One packed weight W[n, k] in the canonical layout (docs/FORMAT.md).
+struct QuantMatrix {
+  const uint32_t* packed;  // [n, words_per_row(k, bits)], rows contiguous
+  const void* scales;      // [n, k / group_size], contiguous
+  const void* zeros;       // same shape and dtype as scales
+  DType scale_dtype;
+  int64_t n;
+  int64_t k;
+  int bits;
+  int64_t group_size;
+
+  int64_t groups() const { return k / group_size; }
+  int64_t row_words() const { return words_per_row(k, bits); }
+};
+
+// Activations x[m, k] (row stride x_stride elements, unit column stride).
+struct Activations {
+  const void* data;
+  DType dtype;
+  int64_t m;
+  int64_t stride;
+};
+
+// codes[n, k] (uint8, each < 2^bits) -> packed[n, words_per_row(k, bits)].
+void pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t* packed,
+          const Parallel& par);
+// packed -> codes[n, k].
+void unpack(const uint32_t* packed, int64_t n, int64_t k, int bits, uint8_t* codes,
+            const Parallel& par);
+// W = scales * (codes - zeros), written as out[n, k] in `out_dtype`.
+void dequantize(const QuantMatrix& w, void* out, DType out_dtype, const Parallel& par);
+// y[m, n] = x @ W^T (+ bias[n]), accumulated in fp32, stored in `y_dtype`
+// with row stride n. `bias` may be null.
+void linear(const QuantMatrix& w, const Activations& x, const void* bias, DType bias_dtype,
+            void* y, DType y_dtype, const Parallel& par);
+
+}  // namespace cpu
+}  // namespace lowbit

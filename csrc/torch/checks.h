@@ -1,0 +1,119 @@
+// Argument validation shared by the CPU and CUDA bindings of the lowbit ops.
+// lowbit/ops.py mirrors these checks, with the same messages, for the fake
+// (meta) implementations.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <limits>
+
+#include "lowbit/format.h"
+#include "lowbit/half.h"
+
+namespace lowbit {
+namespace binding {
+
+inline void check_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(is_supported_bits(static_cast<int>(bits)),
+                    "lowbit: bits must be 2, 3 or 4, got ", bits);
+}
+
+inline void check_in_features(int64_t k) {
+  TORCH_CHECK_VALUE(k > 0 && k % kBlockCodes == 0,
+                    "lowbit: in_features must be a positive multiple of 32, got ", k);
+}
+
+inline void check_group_size(int64_t group_size, int64_t k) {
+  TORCH_CHECK_VALUE(group_size > 0 && group_size % kBlockCodes == 0 && k % group_size == 0,
+                    "lowbit: group_size must be a multiple of 32 that divides in_features (",
+                    k, "), got ", group_size);
+}
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline DType to_dtype(at::ScalarType t) {
+  return t == at::kHalf ? DType::kF16 : t == at::kBFloat16 ? DType::kBF16 : DType::kF32;
+}
+
+inline void check_packed(const at::Tensor& packed, int64_t k, int64_t bits) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kInt, "lowbit: packed must be int32, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(1) == words_per_row(k, bits),
+                    "lowbit: packed must have shape [out_features, ", words_per_row(k, bits),
+                    "] for in_features=", k, " and bits=", bits, ", got ", packed.sizes());
+}
+
+// Validates a quantized weight W[n, k] given the in_features k it is used with.
+inline void check_weight(const at::Tensor& packed, const at::Tensor& scales,
+                         const at::Tensor& zeros, int64_t k, int64_t bits, int64_t group_size) {
+  check_bits(bits);
+  check_in_features(k);
+  check_group_size(group_size, k);
+  check_packed(packed, k, bits);
+  const int64_t n = packed.size(0);
+  TORCH_CHECK_TYPE(is_float_dtype(scales.scalar_type()),
+                   "lowbit: scales must be float32, float16 or bfloat16, got ",
+                   scales.scalar_type());
+  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == k / group_size,
+                    "lowbit: scales must have shape [", n, ", ", k / group_size, "], got ",
+                    scales.sizes());
+  TORCH_CHECK_TYPE(zeros.scalar_type() == scales.scalar_type(),
+                   "lowbit: zeros must have the dtype of scales (", scales.scalar_type(),
+                   "), got ", zeros.scalar_type());
+  TORCH_CHECK_VALUE(zeros.sizes() == scales.sizes(), "lowbit: zeros must have shape ",
+                    scales.sizes(), " like scales, got ", zeros.sizes());
+  TORCH_CHECK(scales.device() == packed.device() && zeros.device() == packed.device(),
+              "lowbit: packed, scales and zeros must be on one device, got ", packed.device(),
+              ", ", scales.device(), ", ", zeros.device());
+}
+
+inline void check_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                         const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()),
+                   "lowbit: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "lowbit: x must have at least one dimension");
+  check_weight(packed, scales, zeros, x.size(-1), bits, group_size);
+  TORCH_CHECK(x.device() == packed.device(), "lowbit: x is on ", x.device(),
+              " but the weight is on ", packed.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(is_float_dtype(bias->scalar_type()),
+                     "lowbit: bias must be float32, float16 or bfloat16, got ",
+                     bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == packed.size(0),
+                      "lowbit: bias must have shape [", packed.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == packed.device(), "lowbit: bias is on ", bias->device(),
+                " but the weight is on ", packed.device());
+  }
+}
+
+// Outputs of every op come from here. With LOWBIT_POISON_OUTPUTS=1 (the test
+// suite sets it) they start as NaN (or all-ones bits), so a kernel that leaves
+// any element unwritten fails the comparison with the reference.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* v = std::getenv("LOWBIT_POISON_OUTPUTS");
+    return v != nullptr && v[0] == '1';
+  }();
+  at::Tensor out = at::empty(sizes, options);
+  if (poison) {
+    if (out.is_floating_point()) {
+      out.fill_(std::numeric_limits<float>::quiet_NaN());
+    } else {
+      out.fill_(-1);
+    }
+  }
+  return out;
+}
+
+inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+}  // namespace binding
+}  // namespace lowbit

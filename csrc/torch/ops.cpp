@@ -1,0 +1,165 @@
+// Registers the lowbit ops with the PyTorch dispatcher and binds them to the
+// torch-free CPU kernels. Fake (meta) implementations and autograd formulas
+// are registered from Python (lowbit/ops.py).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "lowbit/cpu.h"
+
+namespace lowbit {
+namespace binding {
+namespace {
+
+struct TorchParallel final : cpu::Parallel {
+  void for_range(int64_t n, int64_t grain, cpu::RangeFn fn) const override {
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+  }
+};
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "lowbit: ", name, " is on ", t.device(),
+              "; this kernel runs on the CPU");
+}
+
+cpu::QuantMatrix quant_matrix(const at::Tensor& packed, const at::Tensor& scales,
+                              const at::Tensor& zeros, int64_t k, int64_t bits,
+                              int64_t group_size) {
+  return cpu::QuantMatrix{reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()),
+                          scales.data_ptr(),
+                          zeros.data_ptr(),
+                          to_dtype(scales.scalar_type()),
+                          packed.size(0),
+                          k,
+                          static_cast<int>(bits),
+                          group_size};
+}
+
+at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "lowbit: codes must be uint8, got ",
+                   codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit: codes must be 2-D [out_features, in_features], got ",
+                    codes.sizes());
+  check_in_features(codes.size(1));
+  check_cpu(codes, "codes");
+  const at::Tensor c = codes.contiguous();
+  TORCH_CHECK_VALUE(c.numel() == 0 || c.max().item<uint8_t>() < (1 << bits),
+                    "lowbit: codes must be below 2^bits = ", 1 << bits);
+  at::Tensor out = new_output({c.size(0), words_per_row(c.size(1), bits)}, c.options().dtype(at::kInt));
+  cpu::pack(c.data_ptr<uint8_t>(), c.size(0), c.size(1), static_cast<int>(bits),
+            reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), TorchParallel());
+  return out;
+}
+
+at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t in_features) {
+  check_bits(bits);
+  check_in_features(in_features);
+  check_packed(packed, in_features, bits);
+  check_cpu(packed, "packed");
+  const at::Tensor p = packed.contiguous();
+  at::Tensor out = new_output({p.size(0), in_features}, p.options().dtype(at::kByte));
+  cpu::unpack(reinterpret_cast<const uint32_t*>(p.data_ptr<int32_t>()), p.size(0), in_features,
+              static_cast<int>(bits), out.data_ptr<uint8_t>(), TorchParallel());
+  return out;
+}
+
+// in_features is not stored anywhere else: it follows from packed's width.
+int64_t in_features_of(const at::Tensor& packed, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_VALUE(packed.dim() == 2, "lowbit: packed must be 2-D, got ", packed.sizes());
+  return packed.size(1) / bits * kBlockCodes;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t bits, int64_t group_size) {
+  const int64_t k = in_features_of(packed, bits);
+  check_weight(packed, scales, zeros, k, bits, group_size);
+  check_cpu(packed, "packed");
+  const at::Tensor p = packed.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+  at::Tensor out = new_output({p.size(0), k}, s.options());
+  cpu::dequantize(quant_matrix(p, s, z, k, bits, group_size), out.data_ptr(),
+                  to_dtype(out.scalar_type()), TorchParallel());
+  return out;
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                      const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                      const c10::optional<at::Tensor>& bias) {
+  check_linear(x, packed, scales, zeros, bits, group_size, bias);
+  check_cpu(x, "x");
+  const int64_t k = x.size(-1);
+  const at::Tensor p = packed.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+  at::Tensor x2 = x.reshape({-1, k});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+  at::Tensor y = new_output({x2.size(0), p.size(0)}, x.options());
+  cpu::linear(quant_matrix(p, s, z, k, bits, group_size),
+              cpu::Activations{x2.data_ptr(), to_dtype(x2.scalar_type()), x2.size(0), x2.stride(0)},
+              b.defined() ? b.data_ptr() : nullptr,
+              b.defined() ? to_dtype(b.scalar_type()) : DType::kF32, y.data_ptr(),
+              to_dtype(y.scalar_type()), TorchParallel());
+  return y.view(linear_out_shape(x, p.size(0)));
+}
+
+cpu::Isa isa_from_name(const std::string& name) {
+  cpu::Isa isa;
+  TORCH_CHECK_VALUE(cpu::parse_isa(name.c_str(), &isa), "lowbit: unknown CPU ISA '", name,
+                    "'; choose scalar, avx2 or avx512");
+  return isa;
+}
+
+}  // namespace
+}  // namespace binding
+}  // namespace lowbit
+
+TORCH_LIBRARY(lowbit, m) {
+  m.def("pack(Tensor codes, int bits) -> Tensor");
+  m.def("unpack(Tensor packed, int bits, int in_features) -> Tensor");
+  m.def("dequantize(Tensor packed, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
+  m.def(
+      "linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int bits, int group_size, "
+      "Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  using namespace lowbit::binding;
+  m.impl("pack", &pack_cpu);
+  m.impl("unpack", &unpack_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("linear", &linear_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using lowbit::cpu::Isa;
+  m.doc() = "lowbit kernels (the ops themselves are in torch.ops.lowbit)";
+  m.def("cpu_isa", [] { return std::string(lowbit::cpu::isa_name(lowbit::cpu::active_isa())); },
+        "The CPU kernel variant in use.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        const Isa isa = lowbit::binding::isa_from_name(name);
+        TORCH_CHECK_VALUE(lowbit::cpu::set_active_isa(isa), "lowbit: this CPU or build cannot run the '",
+                          name, "' kernels");
+      },
+      "Forces a CPU kernel variant: 'scalar', 'avx2' or 'avx512'.");
+  m.def(
+      "supported_cpu_isas",
+      [] {
+        std::vector<std::string> names;
+        for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+          if (lowbit::cpu::isa_supported(isa)) names.emplace_back(lowbit::cpu::isa_name(isa));
+        }
+        return names;
+      },
+      "CPU kernel variants that this build and CPU can run.");
+  m.def("built_with_cuda", [] {
+#if defined(LOWBIT_WITH_CUDA)
+    return true;
+#else
+    return false;
+#endif
+  });
+}
