@@ -1,0 +1,158 @@
+// cpu::linear and cpu::dequantize of every kernel variant this CPU runs,
+// against a double-precision reference computed here from the codes, with
+// outputs poisoned beforehand so that unwritten elements are caught.
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "lowbit/cpu.h"
+#include "lowbit/format.h"
+
+using namespace lowbit;
+
+namespace {
+
+// Splits work into chunks of `grain`, run in reverse order on this thread, so
+// that chunk boundaries are exercised deterministically.
+struct ReverseChunks final : cpu::Parallel {
+  void for_range(int64_t n, int64_t grain, cpu::RangeFn fn) const override {
+    if (grain < 1) grain = 1;
+    for (int64_t b = (n - 1) / grain * grain; b >= 0; b -= grain) fn(b, std::min(n, b + grain));
+  }
+};
+
+struct Buffer {  // values of one dtype, with their fp32 originals (after rounding)
+  std::vector<uint8_t> bytes;
+  std::vector<double> values;
+  DType dtype;
+  Buffer(int64_t count, DType t) : bytes(count * dtype_size(t)), values(count), dtype(t) {}
+  void set(int64_t i, float v) {
+    store_from_float(bytes.data(), dtype, i, v);
+    values[i] = load_as_float(bytes.data(), dtype, i);
+  }
+  void poison() {
+    for (int64_t i = 0; i < int64_t(values.size()); ++i) {
+      store_from_float(bytes.data(), dtype, i, std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  double get(int64_t i) const { return load_as_float(bytes.data(), dtype, i); }
+};
+
+struct Case {
+  int64_t m, n, k, g;
+  int bits;
+  DType x_dtype, scale_dtype;
+  bool bias;
+};
+
+double tolerance(DType out) { return out == DType::kF32 ? 1e-5 : 1e-2; }
+
+void run_case(const Case& c, std::mt19937& rng) {
+  std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t groups = c.k / c.g;
+  std::vector<uint8_t> codes(c.n * c.k);
+  for (auto& q : codes) q = uint8_t(rng() % (1u << c.bits));
+  std::vector<uint32_t> packed(c.n * words_per_row(c.k, c.bits));
+  cpu::pack(codes.data(), c.n, c.k, c.bits, packed.data(), cpu::Serial());
+  Buffer scales(c.n * groups, c.scale_dtype), zeros(c.n * groups, c.scale_dtype);
+  for (int64_t i = 0; i < c.n * groups; ++i) {
+    scales.set(i, 0.01f + 0.09f * uni(rng));
+    zeros.set(i, uni(rng) * float((1 << c.bits) - 1));
+  }
+  Buffer x(c.m * c.k, c.x_dtype), bias(c.n, c.scale_dtype), y(c.m * c.n, c.x_dtype);
+  for (int64_t i = 0; i < c.m * c.k; ++i) x.set(i, normal(rng));
+  for (int64_t i = 0; i < c.n; ++i) bias.set(i, normal(rng));
+  y.poison();
+
+  const cpu::QuantMatrix w{packed.data(), scales.bytes.data(), zeros.bytes.data(), c.scale_dtype,
+                           c.n, c.k, c.bits, c.g};
+  cpu::linear(w, cpu::Activations{x.bytes.data(), c.x_dtype, c.m, c.k},
+              c.bias ? bias.bytes.data() : nullptr, c.scale_dtype, y.bytes.data(), c.x_dtype,
+              ReverseChunks());
+
+  double err = 0.0, ref_norm = 0.0;
+  for (int64_t mi = 0; mi < c.m; ++mi) {
+    for (int64_t ni = 0; ni < c.n; ++ni) {
+      double ref = c.bias ? bias.values[ni] : 0.0;
+      for (int64_t ki = 0; ki < c.k; ++ki) {
+        const int64_t gi = ni * groups + ki / c.g;
+        ref += x.values[mi * c.k + ki] * scales.values[gi] * (codes[ni * c.k + ki] - zeros.values[gi]);
+      }
+      const double d = y.get(mi * c.n + ni) - ref;
+      err += std::isnan(d) ? std::numeric_limits<double>::infinity() : d * d;
+      ref_norm += ref * ref;
+    }
+  }
+  const double rel = std::sqrt(err / ref_norm);
+  CHECK(rel < tolerance(c.x_dtype), "isa=%s m=%ld n=%ld k=%ld g=%ld bits=%d x=%d s=%d bias=%d rel=%g",
+        cpu::isa_name(cpu::active_isa()), long(c.m), long(c.n), long(c.k), long(c.g), c.bits,
+        int(c.x_dtype), int(c.scale_dtype), int(c.bias), rel);
+}
+
+std::vector<cpu::Isa> runnable_isas() {
+  std::vector<cpu::Isa> isas;
+  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+    if (cpu::isa_supported(isa)) isas.push_back(isa);
+  }
+  return isas;
+}
+
+}  // namespace
+
+TEST(linear_matches_reference_for_every_variant) {
+  std::mt19937 rng(2024);
+  const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+  for (cpu::Isa isa : runnable_isas()) {
+    cpu::set_active_isa(isa);
+    for (int bits : {2, 3, 4}) {
+      for (int64_t m : {1, 2, 3, 7, 16, 33}) {
+        for (int64_t g : {32, 64, 128, 0}) {
+          const int64_t k = g == 0 ? 96 : (g == 128 ? 256 : 576 % g == 0 ? 576 : 512);
+          const Case c{m, int64_t(2 * (rng() % 20) + 1), k, g == 0 ? k : g, bits,
+                       dtypes[rng() % 3], dtypes[rng() % 3], rng() % 2 == 0};
+          run_case(c, rng);
+        }
+      }
+    }
+  }
+  cpu::set_active_isa(cpu::best_supported_isa());
+}
+
+TEST(dequantize_matches_reference) {
+  std::mt19937 rng(99);
+  for (int bits : {2, 3, 4}) {
+    const int64_t n = 5, k = 128, g = 32, groups = k / g;
+    std::vector<uint8_t> codes(n * k);
+    for (auto& q : codes) q = uint8_t(rng() % (1u << bits));
+    std::vector<uint32_t> packed(n * words_per_row(k, bits));
+    cpu::pack(codes.data(), n, k, bits, packed.data(), cpu::Serial());
+    std::vector<float> scales(n * groups), zeros(n * groups), out(n * k, std::nanf(""));
+    for (int64_t i = 0; i < n * groups; ++i) {
+      scales[i] = 0.5f + float(rng() % 100) / 100.0f;
+      zeros[i] = float(rng() % 1000) / 300.0f;
+    }
+    const cpu::QuantMatrix w{packed.data(), scales.data(), zeros.data(), DType::kF32, n, k, bits, g};
+    cpu::dequantize(w, out.data(), DType::kF32, ReverseChunks());
+    for (int64_t i = 0; i < n * k; ++i) {
+      const int64_t gi = i / k * groups + (i % k) / g;
+      CHECK(out[i] == scales[gi] * (float(codes[i]) - zeros[gi]), "bits=%d i=%ld", bits, long(i));
+    }
+  }
+}
+
+TEST(isa_selection_rejects_what_the_cpu_lacks) {
+  cpu::Isa isa;
+  CHECK(cpu::parse_isa("avx2", &isa) && isa == cpu::Isa::kAvx2);
+  CHECK(!cpu::parse_isa("sse9", &isa));
+  CHECK(cpu::isa_supported(cpu::Isa::kScalar));
+  CHECK(cpu::set_active_isa(cpu::Isa::kScalar) && cpu::active_isa() == cpu::Isa::kScalar);
+  for (cpu::Isa other : {cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+    CHECK(cpu::set_active_isa(other) == cpu::isa_supported(other));
+  }
+  cpu::set_active_isa(cpu::best_supported_isa());
+}
+
+TEST_MAIN()
