@@ -57,7 +57,6 @@ def incompatibility(module: nn.Module, group_size: int | None) -> str | None:
     return None
 
 
-@torch.no_grad()
 def quantize_rtn(
     model: nn.Module,
     bits: int,
@@ -84,7 +83,8 @@ def quantize_rtn(
             warnings.warn(f"lowbit: not quantizing {name}: {reason}", stacklevel=2)
             continue
         try:
-            quantized = QuantLinear.from_linear(module, bits, group_size, scale_dtype)
+            with torch.no_grad():
+                quantized = QuantLinear.from_linear(module, bits, group_size, scale_dtype)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         set_submodule(model, name, quantized)
