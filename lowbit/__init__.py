@@ -13,6 +13,7 @@ _LAZY = {
     "save_quantized": "lowbit.checkpoint",
     "load_quantized": "lowbit.checkpoint",
     "load_tokenizer": "lowbit.checkpoint",
+    "checkpoint_info": "lowbit.checkpoint",
     "CheckpointError": "lowbit.checkpoint",
     "export_gptq": "lowbit.gptq",
     "load_gptq": "lowbit.gptq",
@@ -31,6 +32,7 @@ _hf_hook.install()
 
 __all__ = [
     "CheckpointError",
+    "checkpoint_info",
     "ConversionReport",
     "PermutedQuantLinear",
     "QuantLinear",

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils.hub import convert_file_size_to_int
 
-from lowbit import ops
+from lowbit import __version__, ops
 from lowbit.convert import MethodSettings, linear_layers, set_submodule
 from lowbit.nn import QuantLinear, linear_weight
 from lowbit.overrides import check_overrides
@@ -43,6 +43,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SPEC_KEYS = {"bits", "group_size", "in_features", "out_features", "bias", "dtype"}
 _OPTIONAL_SPEC_KEYS = {"input_perm"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class CheckpointError(ValueError):
@@ -70,8 +71,13 @@ def module_spec(module: QuantLinear) -> dict[str, Any]:
 def quant_linear_from_spec(spec: Mapping[str, Any], device: torch.device | str = "meta") -> QuantLinear:
     cls = PermutedQuantLinear if spec.get("input_perm") else QuantLinear
     return cls(
-        spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-        bias=spec["bias"], dtype=_DTYPES[spec["dtype"]], device=device,
+        spec["in_features"],
+        spec["out_features"],
+        spec["bits"],
+        spec["group_size"],
+        bias=spec["bias"],
+        dtype=_DTYPES[spec["dtype"]],
+        device=device,
     )
 
 
@@ -108,9 +114,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     recorded = getattr(model, "lowbit_config", None)
     settings = _jsonable(recorded.to_dict()) if recorded is not None else {}
     overrides = check_overrides(settings.pop("overrides", None))
-    common_bits, common_group = Counter((s["bits"], s["group_size"]) for s in modules.values()).most_common(1)[0][0]
-    from lowbit import __version__
-
+    common_bits, common_group = Counter((s["bits"], s["group_size"]) for s in modules.values()).most_common(
+        1
+    )[0][0]
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -181,7 +187,9 @@ def _check_spec(spec: Any, where: str) -> None:
     if unknown:
         raise CheckpointError(f"lowbit: {where} has an unknown field {unknown[0]!r} (newer lowbit?)")
     if spec["dtype"] not in _DTYPES:
-        raise CheckpointError(f"lowbit: {where}.dtype must be one of {sorted(_DTYPES)}, got {spec['dtype']!r}")
+        raise CheckpointError(
+            f"lowbit: {where}.dtype must be one of {sorted(_DTYPES)}, got {spec['dtype']!r}"
+        )
     try:
         ops.check_bits(spec["bits"])
         ops.check_in_features(spec["in_features"])
@@ -241,7 +249,14 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     keep = set()
     for name in sorted(state, key=lambda n: n in tied_targets):  # sources first (stable sort)
         t = state[name]
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
         if key not in seen:
             seen.add(key)
             keep.add(name)
@@ -270,7 +285,8 @@ def write_safetensors(
         shards[-1].append(name)
         size += nbytes
     files = shard_names(len(shards))
-    for file, names in zip(tqdm(files, desc="lowbit: writing shards", disable=len(files) == 1), shards):
+    progress = tqdm(list(zip(files, shards, strict=True)), desc="lowbit: writing", disable=len(files) == 1)
+    for file, names in progress:
         shard, storages = {}, set()
         for name in names:
             t = tensors[name].detach().to("cpu").contiguous()
@@ -281,7 +297,7 @@ def write_safetensors(
     if len(files) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {name: file for file, names in zip(files, shards) for name in names},
+            "weight_map": {name: file for file, names in zip(files, shards, strict=True) for name in names},
         }
         (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return files
@@ -299,6 +315,7 @@ def _untie_quantized(model: nn.Module, config: transformers.PretrainedConfig) ->
 def save_config_files(model: nn.Module, directory: Path, quant_config: dict, tokenizer=None) -> None:
     """config.json with `quant_config`, the generation config and the tokenizer files."""
     config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # what vLLM and others dispatch on
     config.quantization_config = quant_config
     _untie_quantized(model, config)
     config.save_pretrained(directory)
@@ -354,7 +371,9 @@ class SafetensorsCheckpoint:
             try:
                 self.file_of = dict(json.loads(index_file.read_text())["weight_map"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"lowbit: {index_file} is not a valid safetensors index: {exc}") from exc
+                raise CheckpointError(
+                    f"lowbit: {index_file} is not a valid safetensors index: {exc}"
+                ) from exc
         elif (self.path / WEIGHTS_NAME).exists():
             self.file_of = {key: WEIGHTS_NAME for key in self._open(WEIGHTS_NAME).keys()}
         else:
@@ -386,7 +405,9 @@ class SafetensorsCheckpoint:
         try:
             return self._open(file).get_tensor(key)
         except SafetensorError as exc:
-            raise CheckpointError(f"lowbit: cannot read tensor {key} from {self.path / file} ({exc})") from exc
+            raise CheckpointError(
+                f"lowbit: cannot read tensor {key} from {self.path / file} ({exc})"
+            ) from exc
 
 
 def read_model_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
@@ -422,7 +443,8 @@ def install_quant_linears(model: nn.Module, modules: Mapping[str, Mapping[str, A
         if (in_features, out_features) != (spec["in_features"], spec["out_features"]):
             raise CheckpointError(
                 f"lowbit: quantization_config.modules[{name!r}] says in_features={spec['in_features']}, "
-                f"out_features={spec['out_features']} but the model's layer is {in_features} -> {out_features}"
+                f"out_features={spec['out_features']}, but the model's layer has {in_features} inputs "
+                f"and {out_features} outputs"
             )
         if (linear.bias is not None) != spec["bias"]:
             raise CheckpointError(
@@ -464,7 +486,9 @@ def _converted(key: str, t: torch.Tensor, ref: torch.Tensor, model: nn.Module, s
     return t.to(ref.dtype)
 
 
-def assign_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor] | SafetensorsCheckpoint, source: str) -> None:
+def assign_tensors(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor] | SafetensorsCheckpoint, source: str
+) -> None:
     """Loads every tensor into the skeleton, ties weights, and checks nothing is left out."""
     expected = model.state_dict()
     unexpected = [k for k in tensors.keys() if k not in expected]
@@ -482,10 +506,15 @@ def assign_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor] | Safet
             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
         )
     state = {}
-    for key in tqdm(list(tensors.keys()), desc="lowbit: loading tensors", leave=False, disable=len(expected) < 512):
+    for key in tqdm(
+        list(tensors.keys()), desc="lowbit: loading tensors", leave=False, disable=len(expected) < 512
+    ):
         t = tensors[key]
         state[key] = _converted(key, t, expected[key], model, source)
-    model.load_state_dict(state, strict=False, assign=True)
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except ValueError as exc:  # a module's own checks (e.g. a permutation that is not one)
+        raise CheckpointError(f"lowbit: {source}: {exc}") from exc
     if tied:
         model.tie_weights()
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -493,10 +522,14 @@ def assign_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor] | Safet
         raise CheckpointError(f"lowbit: {source} lacks tensor {still_empty[0]}")
 
 
+def tokenizer_files(path: Path) -> list[str]:
+    """The tokenizer files present in a model directory."""
+    return [f for f in _TOKENIZER_FILES if (path / f).exists()]
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved beside a checkpoint, or None if there is none."""
-    path = Path(path)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not tokenizer_files(Path(path)):
         return None
     return transformers.AutoTokenizer.from_pretrained(path)
 
@@ -516,10 +549,57 @@ def load_quantized(
     beside the weights, comes from `lowbit.load_tokenizer(path)`.
     """
     config = read_model_config(path)
-    qc = check_quantization_config(getattr(config, "quantization_config", None), f"{path}/config.json quantization_config")
+    qc = check_quantization_config(
+        getattr(config, "quantization_config", None), f"{path}/config.json quantization_config"
+    )
     reader = SafetensorsCheckpoint(path)
     model = build_skeleton(config, dtype)
     install_quant_linears(model, qc["modules"])
     assign_tensors(model, reader, str(path))
     model.lowbit_config = recorded_settings(qc)
     return model.to(device).eval()
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint directory holds, read from its config and file sizes (no tensor data):
+    for lowbit and GPTQ checkpoints alike, the base for `lowbit info`."""
+    path = Path(path)
+    config = read_model_config(path)
+    qc = getattr(config, "quantization_config", None)
+    if not isinstance(qc, Mapping) and (path / "quantize_config.json").is_file():
+        qc = json.loads((path / "quantize_config.json").read_text())
+    files = sorted(path.glob("*.safetensors"))
+    info: dict[str, Any] = {
+        "path": str(path),
+        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+        "weights_bytes": sum(f.stat().st_size for f in files),
+        "weight_files": len(files),
+        "tokenizer": bool(tokenizer_files(path)),
+    }
+    if isinstance(qc, Mapping) and qc.get("quant_method") == QUANT_METHOD:
+        qc = check_quantization_config(qc, f"{path}/config.json quantization_config")
+        schemes = Counter(f"{s['bits']}-bit g{s['group_size']}" for s in qc["modules"].values())
+        info.update(
+            format=f"lowbit v{qc['format_version']}",
+            method=qc.get("method"),
+            bits=qc.get("bits"),
+            group_size=qc.get("group_size"),
+            quantized_modules=len(qc["modules"]),
+            schemes=dict(schemes),
+            full_precision_modules=list(qc.get("modules_to_not_convert") or []),
+            overrides=qc.get("overrides") or [],
+            method_config=qc.get("method_config") or {},
+        )
+    elif isinstance(qc, Mapping) and qc.get("quant_method", "gptq") == "gptq" and "bits" in qc:
+        reader = SafetensorsCheckpoint(path)
+        info.update(
+            format=str(qc.get("checkpoint_format") or qc.get("format") or "gptq"),
+            method="gptq",
+            bits=qc.get("bits"),
+            group_size=qc.get("group_size"),
+            desc_act=qc.get("desc_act"),
+            quantized_modules=sum(k.endswith(".qweight") for k in reader.keys()),
+        )
+    else:
+        info.update(format="full precision" if qc is None else str(qc.get("quant_method")))
+    return info

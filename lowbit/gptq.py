@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit import ops
+from lowbit import __version__, ops
 from lowbit.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     CheckpointError,
@@ -151,7 +151,11 @@ def _gptq_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def _warn_inexact_scales(layers: Mapping[str, QuantLinear]) -> None:
-    inexact = [n for n, m in layers.items() if not torch.equal(m.scales.to(torch.float16).to(m.scales.dtype), m.scales)]
+    inexact = [
+        n
+        for n, m in layers.items()
+        if not torch.equal(m.scales.to(torch.float16).to(m.scales.dtype), m.scales)
+    ]
     if inexact:
         warnings.warn(
             f"lowbit: GPTQ stores float16 scales; those of {len(inexact)} layers (e.g. {inexact[0]}) "
@@ -174,7 +178,8 @@ def gptq_config(model: nn.Module, layers: Mapping[str, QuantLinear], dynamic: bo
     full_precision = [n for n, m in linear_layers(model).items() if m is not output_layer]
     if (special or full_precision) and not dynamic:
         what = (
-            f"{len(special)} layers (e.g. {next(iter(special))}) differ from {bits}-bit group size {group_size}"
+            f"{len(special)} layers (e.g. {next(iter(special))}) differ from {bits}-bit "
+            f"group size {group_size}"
             if special
             else f"{len(full_precision)} linear layers (e.g. {full_precision[0]}) are left in full precision"
         )
@@ -183,8 +188,6 @@ def gptq_config(model: nn.Module, layers: Mapping[str, QuantLinear], dynamic: bo
             "layer. Pass dynamic=True to write per-module overrides in GPTQModel's `dynamic` syntax "
             "(read by GPTQModel and vLLM, not by transformers' GPTQ loader)"
         )
-    from lowbit import __version__
-
     config = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq_v2",
@@ -201,7 +204,10 @@ def gptq_config(model: nn.Module, layers: Mapping[str, QuantLinear], dynamic: bo
         config["meta"]["lowbit_method"] = recorded.to_dict().get("method")
     if special or full_precision:
         config["dynamic"] = {
-            **{f"+:^{re.escape(n)}$": {"bits": m.bits, "group_size": _gptq_group_size(m)} for n, m in special.items()},
+            **{
+                f"+:^{re.escape(n)}$": {"bits": m.bits, "group_size": _gptq_group_size(m)}
+                for n, m in special.items()
+            },
             **{f"-:^{re.escape(n)}$": {} for n in full_precision},
         }
     return config
@@ -252,7 +258,9 @@ def _read_gptq_config(path: Path, config) -> dict[str, Any]:
     if qc is None and (path / "quantize_config.json").is_file():
         qc = json.loads((path / "quantize_config.json").read_text())
     if not isinstance(qc, Mapping):
-        raise CheckpointError(f"lowbit: {path} has no GPTQ quantization_config (config.json or quantize_config.json)")
+        raise CheckpointError(
+            f"lowbit: {path} has no GPTQ quantization_config (config.json or quantize_config.json)"
+        )
     qc = dict(qc)
     method = qc.get("quant_method", "gptq")
     if method != "gptq":
@@ -287,8 +295,13 @@ def _expect_shape(key: str, t: torch.Tensor, shape: list[int], scheme: str) -> N
 
 
 def gptq_layer(
-    name: str, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int,
-    bits: int, group_size: int, version: int,
+    name: str,
+    tensors: Mapping[str, torch.Tensor],
+    in_features: int,
+    out_features: int,
+    bits: int,
+    group_size: int,
+    version: int,
 ) -> QuantLinear:
     """One GPTQ layer as a QuantLinear (a PermutedQuantLinear if its g_idx is act-order)."""
     k, n = in_features, out_features
@@ -306,7 +319,9 @@ def gptq_layer(
     _expect_shape(f"{name}.qzeros", qzeros, [groups, -(-n * bits // 32)], scheme)
     _expect_shape(f"{name}.scales", scales, [groups, n], scheme)
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
-        raise CheckpointError(f"lowbit: GPTQ tensors {name}.qweight and .qzeros must be int32 (pack_dtype int32)")
+        raise CheckpointError(
+            f"lowbit: GPTQ tensors {name}.qweight and .qzeros must be int32 (pack_dtype int32)"
+        )
     if not torch.isfinite(scales).all():
         raise CheckpointError(f"lowbit: GPTQ tensor {name}.scales contains NaN or Inf values")
 
@@ -375,6 +390,7 @@ def load_gptq(
     install_quant_linears(model, specs)
     assign_tensors(model, tensors, str(path))
     model.lowbit_config = MethodSettings(
-        "gptq-import", {"checkpoint_format": qc["checkpoint_format"], "bits": qc["bits"], "group_size": qc["group_size"]}
+        "gptq-import",
+        {"checkpoint_format": qc["checkpoint_format"], "bits": qc["bits"], "group_size": qc["group_size"]},
     )
     return model.to(device).eval()

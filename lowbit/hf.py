@@ -29,6 +29,7 @@ from lowbit.checkpoint import (
     quant_modules,
     recorded_settings,
 )
+from lowbit.permuted import PermutedQuantLinear, check_permutation
 
 
 class LowbitConfig(QuantizationConfigMixin):
@@ -58,6 +59,11 @@ class LowbitHfQuantizer(HfQuantizer):
                     raise CheckpointError(f"lowbit: the checkpoint lacks tensor {key}")
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise CheckpointError(f"lowbit: checkpoint tensor {key} contains NaN or Inf values")
+            if isinstance(module, PermutedQuantLinear):
+                try:
+                    check_permutation(module.input_perm, module.in_features, f"{name}.input_perm")
+                except ValueError as exc:
+                    raise CheckpointError(str(exc)) from exc
         model.lowbit_config = recorded_settings(self.quantization_config.to_dict())
         return model
 

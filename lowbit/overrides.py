@@ -55,7 +55,9 @@ def check_overrides(overrides: Overrides | None) -> dict[str, dict[str, int | No
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ValueError(f"lowbit: override pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+            raise ValueError(
+                f"lowbit: override pattern {pattern!r} is not a valid regular expression: {exc}"
+            ) from exc
         if setting is None:
             checked[pattern] = None
             continue

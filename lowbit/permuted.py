@@ -24,17 +24,31 @@ class PermutedQuantLinear(QuantLinear):
     `dequantize()` and `codes()` return the weight in the original input order.
     """
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = 64,
-                 bias: bool = True, dtype: torch.dtype = torch.float16,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None = 64,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ):
         super().__init__(in_features, out_features, bits, group_size, bias, dtype, device)
         self.register_buffer("input_perm", torch.arange(in_features, dtype=torch.int32, device=device))
 
     @classmethod
     def from_permuted(cls, layer: QuantLinear, input_perm: torch.Tensor) -> PermutedQuantLinear:
         """Wraps a layer whose weights are already stored in the order `input_perm`."""
-        permuted = cls(layer.in_features, layer.out_features, layer.bits, layer.group_size,
-                       layer.bias is not None, layer.scales.dtype, layer.packed.device)
+        permuted = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.bits,
+            layer.group_size,
+            layer.bias is not None,
+            layer.scales.dtype,
+            layer.packed.device,
+        )
         state = dict(layer.state_dict(), input_perm=input_perm.to(torch.int32))
         permuted.load_state_dict(state)
         return permuted

@@ -33,7 +33,9 @@ def values_to_stream(values: np.ndarray, bits: int, n_words: int) -> np.ndarray:
 
 def read_qweight(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     words = qweight.numpy()
-    return torch.from_numpy(np.stack([stream_to_values(words[:, n], bits, k) for n in range(words.shape[1])], 1))
+    return torch.from_numpy(
+        np.stack([stream_to_values(words[:, n], bits, k) for n in range(words.shape[1])], 1)
+    )
 
 
 def read_qzeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -45,7 +47,9 @@ def write_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes [K, N] -> qweight [K * b / 32, N]."""
     k, n = codes.shape
     values = codes.numpy()
-    return torch.from_numpy(np.stack([values_to_stream(values[:, j], bits, k * bits // 32) for j in range(n)], 1))
+    return torch.from_numpy(
+        np.stack([values_to_stream(values[:, j], bits, k * bits // 32) for j in range(n)], 1)
+    )
 
 
 def write_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import gptq_reference as ref
 import pytest
 import torch
+import transformers
 from helpers import random_quant_weight
 from models import logits, tiny_llama, tiny_opt, token_batch
 from safetensors.torch import load_file, save_file
@@ -25,7 +26,9 @@ BITS = [2, 3, 4]
 
 def float_weight(layer):
     """A QuantLinear's weight [N, K] in float32, (codes - zeros) * scales, in input order."""
-    w = reference.dequantize(layer.packed, layer.scales.float(), layer.zeros.float(), layer.bits, layer.group_size)
+    w = reference.dequantize(
+        layer.packed, layer.scales.float(), layer.zeros.float(), layer.bits, layer.group_size
+    )
     if isinstance(layer, lowbit.PermutedQuantLinear):
         w = w[:, torch.argsort(layer.input_perm)]
     return w
@@ -96,16 +99,24 @@ def test_exported_tensors_follow_the_published_layout(tmp_path, bits):
         assert {k for k in tensors if k.startswith(name + ".")} == {
             f"{name}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx", "bias")
         }
-        assert tensors[f"{name}.scales"].dtype == torch.float16 and tensors[f"{name}.g_idx"].dtype == torch.int32
+        assert (
+            tensors[f"{name}.scales"].dtype == torch.float16 and tensors[f"{name}.g_idx"].dtype == torch.int32
+        )
         assert torch.equal(tensors[f"{name}.g_idx"].long(), torch.arange(layer.in_features) // 32)
         w = ref.dequantize(*(tensors[f"{name}.{t}"] for t in ("qweight", "qzeros", "scales", "g_idx")), bits)
         assert torch.equal(w.T, float_weight(layer)), name
         assert torch.equal(tensors[f"{name}.bias"], layer.bias.half())
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert config == json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
-    assert {k: config[k] for k in ("quant_method", "checkpoint_format", "bits", "group_size", "desc_act", "sym")} == {
-        "quant_method": "gptq", "checkpoint_format": "gptq_v2", "bits": bits, "group_size": 32,
-        "desc_act": False, "sym": False,
+    assert {
+        k: config[k] for k in ("quant_method", "checkpoint_format", "bits", "group_size", "desc_act", "sym")
+    } == {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq_v2",
+        "bits": bits,
+        "group_size": 32,
+        "desc_act": False,
+        "sym": False,
     }
     assert "model.decoder.embed_tokens.weight" in tensors and "dynamic" not in config
 
@@ -125,15 +136,22 @@ def test_fractional_zeros_are_refused(tmp_path):
     model = tiny_llama()
     lowbit.quantize_rtn(model, 3, 32)
     _, packed, scales, zeros = random_quant_weight(64, 64, 3, 32)  # fractional zeros
-    model.model.layers[1].self_attn.q_proj.load_state_dict({"packed": packed, "scales": scales, "zeros": zeros})
-    with pytest.raises(ValueError, match=r"export model\.layers\.1\.self_attn\.q_proj to GPTQ: .* zeros are not integers in \[0, 7\]"):
+    model.model.layers[1].self_attn.q_proj.load_state_dict(
+        {"packed": packed, "scales": scales, "zeros": zeros}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"export model\.layers\.1\.self_attn\.q_proj to GPTQ: .* zeros are not integers in \[0, 7\]",
+    ):
         lowbit.export_gptq(model, tmp_path / "gptq")
     assert not (tmp_path / "gptq").exists()
 
 
 def test_mixed_bit_widths_need_dynamic(tmp_path):
     model = tiny_llama()
-    lowbit.quantize_rtn(model, 4, 32, overrides={r"model\.layers\.1\.mlp\..*": {"bits": 2, "group_size": 64}, "v_proj": None})
+    lowbit.quantize_rtn(
+        model, 4, 32, overrides={r"model\.layers\.1\.mlp\..*": {"bits": 2, "group_size": 64}, "v_proj": None}
+    )
     tokens = token_batch(model)
     with pytest.raises(ValueError, match="differ from 4-bit group size 32.*dynamic=True"):
         lowbit.export_gptq(model, tmp_path / "gptq")
@@ -189,12 +207,14 @@ def write_gptq_checkpoint(path, bits, group_size=32, version=2, act_order=False,
         weights[name] = w.T
         linear.weight.data = w.T.contiguous()
         del tensors[f"{name}.weight"]
-        tensors.update({
-            f"{name}.qweight": ref.write_qweight(q, bits),
-            f"{name}.qzeros": ref.write_qzeros(z - (1 if version == 1 else 0), bits),
-            f"{name}.scales": s,
-            f"{name}.g_idx": g_idx.to(torch.int32),
-        })
+        tensors.update(
+            {
+                f"{name}.qweight": ref.write_qweight(q, bits),
+                f"{name}.qzeros": ref.write_qzeros(z - (1 if version == 1 else 0), bits),
+                f"{name}.scales": s,
+                f"{name}.g_idx": g_idx.to(torch.int32),
+            }
+        )
     path.mkdir()
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": False}
@@ -238,12 +258,27 @@ def test_act_order_import_is_exact(tmp_path, bits):
     lowbit.save_quantized(loaded, tmp_path / "lowbit")
     reloaded = lowbit.load_quantized(tmp_path / "lowbit")
     assert torch.equal(logits(reloaded, tokens), logits(loaded, tokens))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lowbit")
+    assert isinstance(hf.model.layers[0].mlp.down_proj, lowbit.PermutedQuantLinear)
+    assert torch.equal(logits(hf, tokens), logits(loaded, tokens))
     lowbit.export_gptq(reloaded, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "quantize_config.json").read_text())["desc_act"] is True
     original, again = read_checkpoint(tmp_path / "gptq"), read_checkpoint(tmp_path / "again")
     for name in weights:
         for t in ("qweight", "qzeros", "scales", "g_idx"):
             assert torch.equal(again[f"{name}.{t}"], original[f"{name}.{t}"]), f"{name}.{t}"
+
+
+def test_a_checkpoint_with_a_bad_permutation_is_refused(tmp_path):
+    write_gptq_checkpoint(tmp_path / "gptq", 2, act_order=True)
+    lowbit.save_quantized(lowbit.load_gptq(tmp_path / "gptq"), tmp_path / "lowbit")
+    key = "model.layers.1.mlp.up_proj.input_perm"
+    data = load_file(tmp_path / "lowbit" / "model.safetensors")
+    data[key][:2] = 0
+    save_file(data, tmp_path / "lowbit" / "model.safetensors", metadata={"format": "pt"})
+    for load in (lowbit.load_quantized, transformers.AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(CheckpointError, match=f"{key} must be a permutation"):
+            load(tmp_path / "lowbit")
 
 
 def test_permuted_layer_matches_its_dense_weight():
@@ -280,7 +315,11 @@ Q = "model.layers.0.self_attn.q_proj"
 @pytest.mark.parametrize(
     "tensors, config, message",
     [
-        (None, lambda qc: qc.update(checkpoint_format="marlin"), "checkpoint_format 'marlin' is not supported"),
+        (
+            None,
+            lambda qc: qc.update(checkpoint_format="marlin"),
+            "checkpoint_format 'marlin' is not supported",
+        ),
         (None, lambda qc: qc.update(bits=8), "bits must be 2, 3 or 4"),
         (None, lambda qc: qc.update(bits=2), rf"{Q}\.qweight has shape \[6, 64\], but bits=2"),
         (None, lambda qc: qc.update(group_size=64), rf"{Q}\.qzeros has shape .* group_size=64"),
@@ -290,7 +329,11 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda t: t.pop(f"{Q}.qzeros"), None, rf"lacks tensor {Q}\.qzeros"),
         (lambda t: t.pop("model.norm.weight"), None, r"lacks tensor model\.norm\.weight"),
         (lambda t: t.update({f"{Q}.qweight": t[f"{Q}.qweight"].long()}), None, "must be int32"),
-        (lambda t: t[f"{Q}.scales"].view(-1)[0].fill_(float("inf")), None, rf"{Q}\.scales contains NaN or Inf"),
+        (
+            lambda t: t[f"{Q}.scales"].view(-1)[0].fill_(float("inf")),
+            None,
+            rf"{Q}\.scales contains NaN or Inf",
+        ),
         (lambda t: t[f"{Q}.g_idx"].view(-1)[-2:].fill_(0), None, "exactly 32 input channels"),
     ],
 )
@@ -348,8 +391,16 @@ def test_layout_matches_gptqmodel(bits, act_order, monkeypatch):
     w = s.float()[g_idx] * (q - z[g_idx]).float()
     dense = torch.nn.Linear(k, n, bias=False)
     dense.weight.data = w.T.contiguous()
-    theirs = torch_linear(bits=bits, group_size=g, sym=False, desc_act=act_order, in_features=k,
-                          out_features=n, bias=False, register_buffers=True)
+    theirs = torch_linear(
+        bits=bits,
+        group_size=g,
+        sym=False,
+        desc_act=act_order,
+        in_features=k,
+        out_features=n,
+        bias=False,
+        register_buffers=True,
+    )
     theirs.pack_block(dense, s.T.float(), z.T.float(), g_idx.to(torch.int32))
     tensors = {f"l.{t}": getattr(theirs, t).clone() for t in ("qweight", "qzeros", "scales", "g_idx")}
 
@@ -360,7 +411,9 @@ def test_layout_matches_gptqmodel(bits, act_order, monkeypatch):
         assert torch.equal(exported[t], tensors[f"l.{t}"]), t
     assert torch.equal(exported["g_idx"].long(), g_idx)
 
-    model_utils.convert_gptq_v2_to_v1_format_module(theirs, types.SimpleNamespace(bits=bits, pack_dtype=torch.int32))
+    model_utils.convert_gptq_v2_to_v1_format_module(
+        theirs, types.SimpleNamespace(bits=bits, pack_dtype=torch.int32)
+    )
     assert not torch.equal(theirs.qzeros, tensors["l.qzeros"])  # v1 stores z - 1
     v1 = gptq.gptq_layer("l", {**tensors, "l.qzeros": theirs.qzeros}, k, n, bits, g, version=1)
     assert torch.equal(float_weight(v1), w.T)
