@@ -279,10 +279,16 @@ def _read_gptq_config(path: Path, config) -> dict[str, Any]:
 
 
 def _dynamic_scheme(name: str, qc: Mapping[str, Any]) -> tuple[int, int]:
-    """bits and group size of `name` under GPTQModel's `dynamic` rules (first match wins)."""
+    """bits and group size of GPTQ layer `name` under GPTQModel's `dynamic` table: the first
+    pattern that matches the name's start decides; "-:" patterns mean full precision."""
     for pattern, setting in (qc.get("dynamic") or {}).items():
-        sign, _, regex = pattern.partition(":") if pattern[:2] in ("+:", "-:") else ("+", "", pattern)
-        if re.match(regex, name) and sign == "+":
+        sign, regex = (pattern[0], pattern[2:]) if pattern[:2] in ("+:", "-:") else ("+", pattern)
+        if re.match(regex, name):
+            if sign == "-":
+                raise CheckpointError(
+                    f"lowbit: the GPTQ dynamic entry {pattern!r} leaves {name} in full precision, "
+                    f"but the checkpoint holds {name}.qweight"
+                )
             return setting.get("bits", qc["bits"]), setting.get("group_size", qc["group_size"])
     return qc["bits"], qc["group_size"]
 

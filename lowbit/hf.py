@@ -39,9 +39,6 @@ class LowbitConfig(QuantizationConfigMixin):
         fields.setdefault("quant_method", QUANT_METHOD)
         self.__dict__.update(check_quantization_config(fields))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(super().to_dict())
-
 
 class LowbitHfQuantizer(HfQuantizer):
     """Loads pre-quantized lowbit checkpoints (it does not quantize on the fly)."""

@@ -328,6 +328,31 @@ def test_interrupted_save_leaves_nothing_and_keeps_the_old_checkpoint(tmp_path, 
     assert torch.equal(logits(load_quantized(tmp_path / "ckpt"), tokens), logits(model, tokens))
 
 
+def test_a_killed_save_never_leaves_a_half_written_checkpoint(tmp_path):
+    """A process killed mid-write (no exception handling runs) leaves the old checkpoint
+    as it was; only a hidden partial directory remains beside it."""
+    save_quantized(quantized(tiny_opt()), tmp_path / "ckpt", max_shard_size="40KB")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    script = (
+        "import os, sys, lowbit\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from models import tiny_opt\n"
+        "from lowbit import checkpoint\n"
+        "real, calls = checkpoint.save_file, []\n"
+        "def dying(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2: os._exit(3)\n"
+        "    real(*args, **kwargs)\n"
+        "checkpoint.save_file = dying\n"
+        "model = tiny_opt(); lowbit.quantize_rtn(model, 2, 32)\n"
+        f"lowbit.save_quantized(model, {str(tmp_path / 'ckpt')!r}, max_shard_size='40KB')\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=300).returncode == 3
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt.partial-")
+
+
 def test_saving_over_a_checkpoint_replaces_it(tmp_path):
     save_quantized(quantized(tiny_opt(), 4), tmp_path / "ckpt", max_shard_size="40KB")
     model = quantized(tiny_opt(), 2)

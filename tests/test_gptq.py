@@ -326,6 +326,8 @@ Q = "model.layers.0.self_attn.q_proj"
         (None, lambda qc: qc.update(group_size=16), "group_size must be a multiple of 32"),
         (None, lambda qc: qc.pop("bits"), "lacks an integer 'bits'"),
         (None, lambda qc: qc.update(quant_method="lowbit"), "use lowbit.load_quantized"),
+        (None, lambda qc: qc.update(dynamic={r"-:.*q_proj": {}}), rf"leaves {Q} in full precision"),
+        (None, lambda qc: qc.update(dynamic={r"+:.*q_proj": {"bits": 4}}), rf"{Q}\.qweight .* bits=4"),
         (lambda t: t.pop(f"{Q}.qzeros"), None, rf"lacks tensor {Q}\.qzeros"),
         (lambda t: t.pop("model.norm.weight"), None, r"lacks tensor model\.norm\.weight"),
         (lambda t: t.update({f"{Q}.qweight": t[f"{Q}.qweight"].long()}), None, "must be int32"),
