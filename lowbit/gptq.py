@@ -64,31 +64,33 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
+def _stream_positions(bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 32 values of a block: their word, their bit shift in it, and whether they
+    spill into the next word (only at 3 bits)."""
+    start = torch.arange(32, device=device) * bits
+    word, shift = start // 32, start % 32
+    return word, shift, shift + bits > 32
+
+
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """values [K, N] (K a multiple of 32, entries < 2**bits) -> int32 [K * bits / 32, N], each
     column one bit stream: every 32 values fill `bits` words."""
     k, n = values.shape
     v = values.to(torch.int64).reshape(k // 32, 32, n)
+    word, shift, spills = _stream_positions(bits, values.device)
     words = torch.zeros(k // 32, bits, n, dtype=torch.int64, device=values.device)
-    for i in range(32):
-        word, shift = divmod(i * bits, 32)
-        words[:, word] |= (v[:, i] << shift) & _MASK32
-        if shift + bits > 32:  # the value straddles into the next word
-            words[:, word + 1] |= v[:, i] >> (32 - shift)
+    words.index_add_(1, word, (v << shift[:, None]) & _MASK32)  # disjoint fields: adding is OR
+    words.index_add_(1, word[spills] + 1, v[:, spills] >> (32 - shift[spills])[:, None])
     return _to_int32(words.reshape(k // 32 * bits, n))
 
 
 def unpack_rows(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """The inverse of `pack_rows`: int32 [k * bits / 32, N] -> int64 [k, N]."""
     w = (words.to(torch.int64) & _MASK32).reshape(k // 32, bits, -1)
-    values = torch.empty(k // 32, 32, w.shape[-1], dtype=torch.int64, device=words.device)
-    for i in range(32):
-        word, shift = divmod(i * bits, 32)
-        v = w[:, word] >> shift
-        if shift + bits > 32:
-            v = v | (w[:, word + 1] << (32 - shift))
-        values[:, i] = v & ((1 << bits) - 1)
-    return values.reshape(k, -1)
+    word, shift, spills = _stream_positions(bits, words.device)
+    values = w[:, word] >> shift[:, None]
+    values[:, spills] |= w[:, word[spills] + 1] << (32 - shift[spills])[:, None]
+    return (values & ((1 << bits) - 1)).reshape(k, -1)
 
 
 def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -150,16 +152,17 @@ def _gptq_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _warn_inexact_scales(layers: Mapping[str, QuantLinear]) -> None:
-    inexact = [
-        n
-        for n, m in layers.items()
-        if not torch.equal(m.scales.to(torch.float16).to(m.scales.dtype), m.scales)
-    ]
+def _warn_inexact_float16(layers: Mapping[str, QuantLinear]) -> None:
+    """GPTQ stores scales and bias in float16; say so when that rounds them."""
+
+    def exact(t: torch.Tensor | None) -> bool:
+        return t is None or torch.equal(t.to(torch.float16).to(t.dtype), t)
+
+    inexact = [n for n, m in layers.items() if not (exact(m.scales) and exact(m.bias))]
     if inexact:
         warnings.warn(
-            f"lowbit: GPTQ stores float16 scales; those of {len(inexact)} layers (e.g. {inexact[0]}) "
-            "were rounded to float16",
+            f"lowbit: GPTQ stores float16 scales and biases; those of {len(inexact)} layers "
+            f"(e.g. {inexact[0]}) were rounded to float16",
             stacklevel=3,
         )
 
@@ -237,7 +240,7 @@ def export_gptq(
     for name, module in layers.items():
         _check_exportable(name, module)
     config = gptq_config(model, layers, dynamic)
-    _warn_inexact_scales(layers)
+    _warn_inexact_float16(layers)
 
     prefixes = tuple(f"{name}." for name in layers)
     tensors = {k: t for k, t in _unique_tensors(model).items() if not k.startswith(prefixes)}

@@ -121,6 +121,16 @@ def test_exported_tensors_follow_the_published_layout(tmp_path, bits):
     assert "model.decoder.embed_tokens.weight" in tensors and "dynamic" not in config
 
 
+def test_float32_scales_are_rounded_with_a_warning(tmp_path):
+    model = tiny_llama()
+    lowbit.quantize_rtn(model, 4, 32, scale_dtype=torch.float32)
+    with pytest.warns(UserWarning, match="rounded to float16"):
+        lowbit.export_gptq(model, tmp_path / "gptq")
+    loaded = lowbit.load_gptq(tmp_path / "gptq")
+    layer = model.model.layers[0].mlp.up_proj
+    assert torch.equal(loaded.model.layers[0].mlp.up_proj.scales, layer.scales.half())
+
+
 def test_per_channel_groups_are_written_as_minus_one(tmp_path):
     model = tiny_llama()
     lowbit.quantize_rtn(model, 4, None)
