@@ -12,7 +12,13 @@ from torch import nn
 
 from lowbit import ops
 from lowbit.nn import QuantLinear, is_conv1d, linear_weight
-from lowbit.overrides import Overrides, check_overrides, resolve_scheme
+from lowbit.overrides import (
+    Overrides,
+    check_overrides,
+    matching_override,
+    name_matches,  # noqa: F401  (its former home; used by callers)
+    resolve_scheme,
+)
 from lowbit.quantizer import resolve_group_size
 
 
@@ -64,7 +70,6 @@ class MethodSettings:
         return {"method": self.method, **self.settings}
 
 
-@torch.no_grad()
 def quantize_rtn(
     model: nn.Module,
     bits: int,
@@ -88,7 +93,8 @@ def quantize_rtn(
     for name, module in linear_layers(model).items():
         scheme = resolve_scheme(name, bits, group_size, overrides, skip)
         if scheme is None:
-            report.skipped[name] = "left in full precision by skip or overrides"
+            overridden = matching_override(name, overrides) is not None
+            report.skipped[name] = "an override skips it" if overridden else "matches a skip pattern"
             continue
         reason = incompatibility(module, scheme.group_size)
         if reason:
@@ -96,7 +102,8 @@ def quantize_rtn(
             warnings.warn(f"lowbit: not quantizing {name}: {reason}", stacklevel=2)
             continue
         try:
-            quantized = QuantLinear.from_linear(module, scheme.bits, scheme.group_size, scale_dtype)
+            with torch.no_grad():
+                quantized = QuantLinear.from_linear(module, scheme.bits, scheme.group_size, scale_dtype)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         set_submodule(model, name, quantized)

@@ -79,6 +79,14 @@ def check_overrides(overrides: Overrides | None) -> dict[str, dict[str, int | No
     return checked
 
 
+def matching_override(name: str, overrides: Overrides | None) -> tuple[str, Setting] | None:
+    """The first (pattern, setting) of `overrides` whose pattern matches `name`, if any."""
+    for pattern, setting in check_overrides(overrides).items():
+        if name_matches(name, pattern):
+            return pattern, setting
+    return None
+
+
 def resolve_scheme(
     name: str,
     bits: int,
@@ -87,11 +95,14 @@ def resolve_scheme(
     skip: Iterable[str] = ("lm_head",),
 ) -> Scheme | None:
     """The scheme of layer `name`, or None if it stays in full precision (module docstring)."""
-    for pattern, setting in check_overrides(overrides).items():
-        if name_matches(name, pattern):
-            if setting is None:
-                return None
-            return Scheme(setting.get("bits", bits), setting.get("group_size", group_size))
+    match = matching_override(name, overrides)
+    if match is not None:
+        setting = match[1]
+        return (
+            None
+            if setting is None
+            else Scheme(setting.get("bits", bits), setting.get("group_size", group_size))
+        )
     if any(name_matches(name, p) for p in skip):
         return None
     return Scheme(bits, group_size)

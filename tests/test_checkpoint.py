@@ -99,7 +99,8 @@ def test_quantize_rtn_honours_overrides_and_records_settings():
         3,
         32,
     )
-    assert "model.layers.0.self_attn.o_proj" in report.skipped and "lm_head" in report.skipped
+    assert report.skipped["model.layers.0.self_attn.o_proj"] == "an override skips it"
+    assert report.skipped["lm_head"] == "matches a skip pattern"
     recorded = model.lowbit_config.to_dict()
     assert recorded["method"] == "rtn" and recorded["bits"] == 3 and recorded["overrides"] == overrides
 
