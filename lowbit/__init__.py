@@ -1,9 +1,47 @@
 """lowbit: 2- and 3-bit weight quantization for PyTorch language models."""
 
-from lowbit import ops
+from lowbit import _hf_hook, ops
 from lowbit.convert import ConversionReport, quantize_rtn
 from lowbit.nn import QuantLinear
+from lowbit.overrides import resolve_scheme
+from lowbit.permuted import PermutedQuantLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["ConversionReport", "QuantLinear", "ops", "quantize_rtn"]
+# Checkpoint functions import transformers (seconds): loaded on first use.
+_LAZY = {
+    "save_quantized": "lowbit.checkpoint",
+    "load_quantized": "lowbit.checkpoint",
+    "load_tokenizer": "lowbit.checkpoint",
+    "checkpoint_info": "lowbit.checkpoint",
+    "CheckpointError": "lowbit.checkpoint",
+    "export_gptq": "lowbit.gptq",
+    "load_gptq": "lowbit.gptq",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+_hf_hook.install()
+
+__all__ = [
+    "CheckpointError",
+    "checkpoint_info",
+    "ConversionReport",
+    "PermutedQuantLinear",
+    "QuantLinear",
+    "export_gptq",
+    "load_gptq",
+    "load_quantized",
+    "load_tokenizer",
+    "ops",
+    "quantize_rtn",
+    "resolve_scheme",
+    "save_quantized",
+]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit import ops
 from lowbit.nn import QuantLinear, is_conv1d, linear_weight
+from lowbit.overrides import (
+    Overrides,
+    check_overrides,
+    matching_override,
+    name_matches,  # noqa: F401  (its former home; used by callers)
+    resolve_scheme,
+)
 from lowbit.quantizer import resolve_group_size
 
 
@@ -26,12 +33,6 @@ class ConversionReport:
         lines = [f"quantized {len(self.quantized)} linear layers, skipped {len(self.skipped)}"]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
-
-
-def name_matches(name: str, pattern: str) -> bool:
-    """A module name matches a pattern equal to it, to its last dotted components, or
-    matching it as a full regular expression (`lm_head`, `mlp.down_proj`, `.*\\.0\\..*`)."""
-    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -57,36 +58,64 @@ def incompatibility(module: nn.Module, group_size: int | None) -> str | None:
     return None
 
 
+@dataclass
+class MethodSettings:
+    """What produced a quantized model: the method's name and settings, recorded as
+    `model.lowbit_config` and written into checkpoints (`to_dict`)."""
+
+    method: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **self.settings}
+
+
 def quantize_rtn(
     model: nn.Module,
     bits: int,
     group_size: int | None = 64,
     skip: Iterable[str] = ("lm_head",),
     scale_dtype: torch.dtype | None = None,
+    overrides: Overrides | None = None,
 ) -> ConversionReport:
     """Replaces every linear layer in place by a round-to-nearest `QuantLinear`.
 
-    Layers whose names match a `skip` pattern (see `name_matches`) or whose shape
-    the format cannot hold stay in full precision and are listed in the report;
-    the incompatible ones also raise a warning.
+    `overrides` (pattern -> {"bits", "group_size"} or None to skip) and `skip`
+    choose each layer's settings as `lowbit.overrides.resolve_scheme` describes.
+    Layers left out, or whose shape the format cannot hold, stay in full
+    precision and are listed in the report; the incompatible ones also raise a
+    warning. The settings are recorded as `model.lowbit_config`.
     """
     ops.check_bits(bits)
     skip = tuple(skip)
+    overrides = check_overrides(overrides)
     report = ConversionReport()
     for name, module in linear_layers(model).items():
-        if any(name_matches(name, p) for p in skip):
-            report.skipped[name] = "matches a skip pattern"
+        scheme = resolve_scheme(name, bits, group_size, overrides, skip)
+        if scheme is None:
+            overridden = matching_override(name, overrides) is not None
+            report.skipped[name] = "an override skips it" if overridden else "matches a skip pattern"
             continue
-        reason = incompatibility(module, group_size)
+        reason = incompatibility(module, scheme.group_size)
         if reason:
             report.skipped[name] = reason
             warnings.warn(f"lowbit: not quantizing {name}: {reason}", stacklevel=2)
             continue
         try:
             with torch.no_grad():
-                quantized = QuantLinear.from_linear(module, bits, group_size, scale_dtype)
+                quantized = QuantLinear.from_linear(module, scheme.bits, scheme.group_size, scale_dtype)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         set_submodule(model, name, quantized)
         report.quantized.append(name)
+    model.lowbit_config = MethodSettings(
+        "rtn",
+        {
+            "bits": bits,
+            "group_size": group_size,
+            "overrides": overrides,
+            "skip": list(skip),
+            "scale_dtype": None if scale_dtype is None else str(scale_dtype).removeprefix("torch."),
+        },
+    )
     return report

@@ -1,0 +1,605 @@
+"""lowbit checkpoints: `save_quantized` and `load_quantized` (format: docs/CHECKPOINTS.md).
+
+A checkpoint is a Hugging Face model directory: `config.json` with a
+`quantization_config` (quant_method "lowbit") that lists every quantized
+module, safetensors weights (sharded above a size limit, with the standard
+index), and the tokenizer and generation config beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils.hub import convert_file_size_to_int
+
+from lowbit import __version__, ops
+from lowbit.convert import MethodSettings, linear_layers, set_submodule
+from lowbit.nn import QuantLinear, linear_weight
+from lowbit.overrides import check_overrides
+from lowbit.permuted import PermutedQuantLinear
+
+QUANT_METHOD = "lowbit"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SPEC_KEYS = {"bits", "group_size", "in_features", "out_features", "bias", "dtype"}
+_OPTIONAL_SPEC_KEYS = {"input_perm"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing files, corrupt data, or contradictions."""
+
+
+# --- the quantization config ---------------------------------------------------------
+
+
+def module_spec(module: QuantLinear) -> dict[str, Any]:
+    """The table entry of one quantized module: everything needed to rebuild it empty."""
+    spec = {
+        "bits": module.bits,
+        "group_size": module.group_size,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+        "dtype": str(module.scales.dtype).removeprefix("torch."),
+    }
+    if isinstance(module, PermutedQuantLinear):
+        spec["input_perm"] = True
+    return spec
+
+
+def quant_linear_from_spec(spec: Mapping[str, Any], device: torch.device | str = "meta") -> QuantLinear:
+    cls = PermutedQuantLinear if spec.get("input_perm") else QuantLinear
+    return cls(
+        spec["in_features"],
+        spec["out_features"],
+        spec["bits"],
+        spec["group_size"],
+        bias=spec["bias"],
+        dtype=_DTYPES[spec["dtype"]],
+        device=device,
+    )
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _jsonable(value: Any) -> Any:
+    """Settings as JSON values: dtypes and paths become strings, tuples lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return str(value)
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any]:
+    """The `quantization_config` describing a quantized model (docs/CHECKPOINTS.md).
+
+    The method and its settings come from `model.lowbit_config` when present
+    (recorded by the quantization method); the module table always comes from
+    the model's `QuantLinear` layers themselves.
+    """
+    modules = {name: module_spec(m) for name, m in quant_modules(model).items()}
+    if not modules:
+        raise ValueError(
+            "lowbit: the model has no QuantLinear layers; quantize it first "
+            "(lowbit.quantize_rtn or a calibration method)"
+        )
+    recorded = getattr(model, "lowbit_config", None)
+    settings = _jsonable(recorded.to_dict()) if recorded is not None else {}
+    overrides = check_overrides(settings.pop("overrides", None))
+    common_bits, common_group = Counter((s["bits"], s["group_size"]) for s in modules.values()).most_common(
+        1
+    )[0][0]
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "bits": settings.get("bits", common_bits),
+        "group_size": settings.get("group_size", common_group),
+        "modules": modules,
+        # pairs, not an object: the first matching pattern wins, and JSON writers sort keys
+        "overrides": [[pattern, setting] for pattern, setting in overrides.items()],
+        "modules_to_not_convert": list(linear_layers(model)),
+        "method": settings.get("method"),
+        "method_config": settings,
+        "lowbit_version": __version__,
+    }
+
+
+def recorded_settings(qc: Mapping[str, Any]) -> MethodSettings:
+    """The method settings stored in a checkpoint, as `model.lowbit_config` (round-trips on re-save)."""
+    settings = {k: v for k, v in (qc.get("method_config") or {}).items() if k != "method"}
+    settings["overrides"] = qc.get("overrides") or []
+    return MethodSettings(qc.get("method") or "unknown", settings)
+
+
+def check_quantization_config(qc: Any, where: str = "quantization_config") -> dict[str, Any]:
+    """Validates a lowbit `quantization_config` dict, raising CheckpointError naming the bad key."""
+    if qc is None:
+        raise CheckpointError(f"lowbit: {where} is missing: not a quantized checkpoint")
+    if not isinstance(qc, Mapping):
+        raise CheckpointError(f"lowbit: {where} must be a JSON object, got {type(qc).__name__}")
+    if qc.get("quant_method") != QUANT_METHOD:
+        hint = " (a GPTQ checkpoint: use lowbit.load_gptq)" if qc.get("quant_method") == "gptq" else ""
+        raise CheckpointError(
+            f"lowbit: {where}.quant_method is {qc.get('quant_method')!r}, not {QUANT_METHOD!r}{hint}"
+        )
+    version = qc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"lowbit: {where}.format_version is missing or not an integer: {version!r}")
+    if version != FORMAT_VERSION:
+        newer = " (written by a newer lowbit: upgrade lowbit)" if version > FORMAT_VERSION else ""
+        raise CheckpointError(
+            f"lowbit: {where}.format_version {version} is not supported; this lowbit reads "
+            f"version {FORMAT_VERSION}{newer}"
+        )
+    modules = qc.get("modules")
+    if not isinstance(modules, Mapping) or not modules:
+        raise CheckpointError(f"lowbit: {where}.modules must be a non-empty table of quantized modules")
+    for name, spec in modules.items():
+        _check_spec(spec, f"{where}.modules[{name!r}]")
+    try:
+        check_overrides(qc.get("overrides"))
+    except ValueError as exc:
+        raise CheckpointError(f"{exc} (in {where}.overrides)") from exc
+    skipped = qc.get("modules_to_not_convert") or []
+    both = sorted(set(skipped) & set(modules))
+    if both:
+        raise CheckpointError(
+            f"lowbit: {where} lists {both[0]!r} both as quantized (modules) and in modules_to_not_convert"
+        )
+    return dict(qc)
+
+
+def _check_spec(spec: Any, where: str) -> None:
+    if not isinstance(spec, Mapping):
+        raise CheckpointError(f"lowbit: {where} must be a JSON object")
+    missing = sorted(_SPEC_KEYS - set(spec))
+    unknown = sorted(set(spec) - _SPEC_KEYS - _OPTIONAL_SPEC_KEYS)
+    if missing:
+        raise CheckpointError(f"lowbit: {where} lacks {missing[0]!r}")
+    if unknown:
+        raise CheckpointError(f"lowbit: {where} has an unknown field {unknown[0]!r} (newer lowbit?)")
+    if spec["dtype"] not in _DTYPES:
+        raise CheckpointError(
+            f"lowbit: {where}.dtype must be one of {sorted(_DTYPES)}, got {spec['dtype']!r}"
+        )
+    try:
+        ops.check_bits(spec["bits"])
+        ops.check_in_features(spec["in_features"])
+        ops.check_group_size(spec["group_size"], spec["in_features"])
+    except ValueError as exc:
+        raise CheckpointError(f"{exc} (in {where})") from exc
+    if not (isinstance(spec["out_features"], int) and spec["out_features"] > 0):
+        raise CheckpointError(f"lowbit: {where}.out_features must be a positive integer")
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return not names or "config.json" in names
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a fresh temporary directory beside `path` that becomes `path` on success.
+
+    On any error the temporary directory is removed and an existing `path` is left
+    untouched; an existing checkpoint is only replaced once the new one is complete.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not _is_checkpoint_dir(path):
+        raise FileExistsError(
+            f"lowbit: {path} exists and is not a model directory (no config.json); not replacing it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without aliases (tied weights), keeping a tie's source name."""
+    state = model.state_dict()
+    tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
+    for name, t in state.items():
+        if t.is_meta:
+            raise ValueError(f"lowbit: {name} is on the meta device (not loaded); cannot save it")
+    seen: set[tuple] = set()
+    keep = set()
+    for name in sorted(state, key=lambda n: n in tied_targets):  # sources first (stable sort)
+        t = state[name]
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
+        if key not in seen:
+            seen.add(key)
+            keep.add(name)
+    return {name: t for name, t in state.items() if name in keep}
+
+
+def shard_names(n_shards: int) -> list[str]:
+    if n_shards == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> list[str]:
+    """Writes tensors into `directory` as one file, or as shards of at most `max_shard_size`
+    bytes each (a larger tensor gets a shard of its own) plus the standard index."""
+    limit = convert_file_size_to_int(max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = shard_names(len(shards))
+    progress = tqdm(list(zip(files, shards, strict=True)), desc="lowbit: writing", disable=len(files) == 1)
+    for file, names in progress:
+        shard, storages = {}, set()
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            shard[name] = t.clone() if ptr in storages else t  # safetensors refuses shared storage
+            storages.add(ptr)
+        save_file(shard, directory / file, metadata={"format": "pt"})
+    if len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {name: file for file, names in zip(files, shards, strict=True) for name in names},
+        }
+        (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def _untie_quantized(model: nn.Module, config: transformers.PretrainedConfig) -> None:
+    """A tie whose member was quantized (e.g. lm_head) no longer holds: record that in the config."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    state = model.state_dict()
+    if any(k not in state or v not in state for k, v in tied.items()):
+        for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
+
+
+def save_config_files(model: nn.Module, directory: Path, quant_config: dict, tokenizer=None) -> None:
+    """config.json with `quant_config`, the generation config and the tokenizer files."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # what vLLM and others dispatch on
+    config.quantization_config = quant_config
+    _untie_quantized(model, config)
+    config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _check_saveable(model: nn.Module) -> None:
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(
+            f"lowbit: save_quantized needs a transformers PreTrainedModel (it writes its config), "
+            f"got {type(model).__name__}"
+        )
+
+
+def save_quantized(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer=None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Saves a quantized transformers model as a lowbit checkpoint directory.
+
+    Every tensor of the model's state dict is written (each QuantLinear's whole
+    state: packed codes, scales, zeros, bias and anything it holds besides), in
+    safetensors shards of at most `max_shard_size` (bytes or a string like
+    "2GB"). The directory appears complete or not at all; an existing checkpoint
+    at `path` is replaced only once the new one is written.
+    """
+    _check_saveable(model)
+    quant_config = quantization_config(model)
+    tensors = _unique_tensors(model)
+    with atomic_directory(path) as tmp:
+        write_safetensors(tensors, tmp, max_shard_size)
+        save_config_files(model, tmp, quant_config, tokenizer)
+    return Path(path)
+
+
+# --- reading -------------------------------------------------------------------------
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a model directory (one safetensors file or an indexed set of shards)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._handles: dict[str, Any] = {}
+        index_file = self.path / WEIGHTS_INDEX_NAME
+        if index_file.exists():
+            try:
+                self.file_of = dict(json.loads(index_file.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(
+                    f"lowbit: {index_file} is not a valid safetensors index: {exc}"
+                ) from exc
+        elif (self.path / WEIGHTS_NAME).exists():
+            self.file_of = {key: WEIGHTS_NAME for key in self._open(WEIGHTS_NAME).keys()}
+        else:
+            raise CheckpointError(f"lowbit: {self.path} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+        for file in sorted(set(self.file_of.values())):
+            present = set(self._open(file).keys())
+            for key in (k for k, f in self.file_of.items() if f == file and k not in present):
+                raise CheckpointError(f"lowbit: tensor {key} is listed in the index but missing from {file}")
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            full = self.path / file
+            if not full.is_file():
+                raise CheckpointError(f"lowbit: checkpoint file {full} is missing")
+            try:
+                self._handles[file] = safe_open(str(full), framework="pt")
+            except SafetensorError as exc:
+                raise CheckpointError(f"lowbit: {full} is corrupt or truncated ({exc})") from exc
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        file = self.file_of[key]
+        try:
+            return self._open(file).get_tensor(key)
+        except SafetensorError as exc:
+            raise CheckpointError(
+                f"lowbit: cannot read tensor {key} from {self.path / file} ({exc})"
+            ) from exc
+
+
+def read_model_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"lowbit: {path} is not a model directory (no config.json)")
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"lowbit: cannot read {path / 'config.json'}: {exc}") from exc
+
+
+def build_skeleton(config: transformers.PretrainedConfig, dtype: torch.dtype | None) -> nn.Module:
+    """The model with its parameters on the meta device (no memory); buffers are real."""
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def install_quant_linears(model: nn.Module, modules: Mapping[str, Mapping[str, Any]], device="meta") -> None:
+    """Replaces each linear layer named in the table by an empty QuantLinear of its spec."""
+    linears = linear_layers(model)
+    for name, spec in modules.items():
+        linear = linears.get(name)
+        if linear is None:
+            raise CheckpointError(
+                f"lowbit: quantization_config.modules names {name!r}, which is not a linear layer of "
+                f"{type(model).__name__}"
+            )
+        out_features, in_features = linear_weight(linear).shape
+        if (in_features, out_features) != (spec["in_features"], spec["out_features"]):
+            raise CheckpointError(
+                f"lowbit: quantization_config.modules[{name!r}] says in_features={spec['in_features']}, "
+                f"out_features={spec['out_features']}, but the model's layer has {in_features} inputs "
+                f"and {out_features} outputs"
+            )
+        if (linear.bias is not None) != spec["bias"]:
+            raise CheckpointError(
+                f"lowbit: quantization_config.modules[{name!r}] says bias={spec['bias']}, "
+                f"but the model's layer {'has' if linear.bias is not None else 'has no'} bias"
+            )
+        set_submodule(model, name, quant_linear_from_spec(spec, device))
+
+
+def _quantized_owner(key: str, model: nn.Module) -> QuantLinear | None:
+    """The QuantLinear holding tensor `key`, if any."""
+    try:
+        module = model.get_submodule(key.rpartition(".")[0])
+    except AttributeError:
+        return None
+    return module if isinstance(module, QuantLinear) else None
+
+
+def _describe(key: str, model: nn.Module) -> str:
+    owner = _quantized_owner(key, model)
+    return f" for the quantized module {key.rpartition('.')[0]} ({owner.extra_repr()})" if owner else ""
+
+
+def _converted(key: str, t: torch.Tensor, ref: torch.Tensor, model: nn.Module, source: str) -> torch.Tensor:
+    """A checkpoint tensor checked against the model's (meta) tensor and cast to its dtype.
+    Tensors of quantized modules must match exactly (a cast would change their meaning)."""
+    quantized = _quantized_owner(key, model) is not None
+    if t.shape != ref.shape:
+        raise CheckpointError(
+            f"lowbit: {source}: tensor {key} has shape {list(t.shape)}, expected "
+            f"{list(ref.shape)}{_describe(key, model)}"
+        )
+    if t.is_floating_point() != ref.is_floating_point() or (quantized and t.dtype != ref.dtype):
+        raise CheckpointError(
+            f"lowbit: {source}: tensor {key} has dtype {t.dtype}, expected {ref.dtype}{_describe(key, model)}"
+        )
+    if quantized and t.is_floating_point() and not torch.isfinite(t).all():
+        raise CheckpointError(f"lowbit: {source}: tensor {key} contains NaN or Inf values")
+    return t.to(ref.dtype)
+
+
+def assign_tensors(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor] | SafetensorsCheckpoint, source: str
+) -> None:
+    """Loads every tensor into the skeleton, ties weights, and checks nothing is left out."""
+    expected = model.state_dict()
+    unexpected = [k for k in tensors.keys() if k not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"lowbit: {source} holds tensors the model does not have, e.g. {unexpected[0]} "
+            f"({len(unexpected)} in all): the weights do not match the config"
+        )
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    tied_names = set(tied) | set(tied.values())
+    missing = [k for k in expected if k not in tensors and k not in tied_names]
+    if missing:
+        raise CheckpointError(
+            f"lowbit: {source} lacks tensor {missing[0]}{_describe(missing[0], model)}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    state = {}
+    for key in tqdm(
+        list(tensors.keys()), desc="lowbit: loading tensors", leave=False, disable=len(expected) < 512
+    ):
+        t = tensors[key]
+        state[key] = _converted(key, t, expected[key], model, source)
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except ValueError as exc:  # a module's own checks (e.g. a permutation that is not one)
+        raise CheckpointError(f"lowbit: {source}: {exc}") from exc
+    if tied:
+        model.tie_weights()
+    still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_empty:
+        raise CheckpointError(f"lowbit: {source} lacks tensor {still_empty[0]}")
+
+
+def tokenizer_files(path: Path) -> list[str]:
+    """The tokenizer files present in a model directory."""
+    return [f for f in _TOKENIZER_FILES if (path / f).exists()]
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a checkpoint, or None if there is none."""
+    if not tokenizer_files(Path(path)):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> transformers.PreTrainedModel:
+    """Loads a lowbit checkpoint written by `save_quantized` (eval mode, on `device`).
+
+    The model is built without allocating its full-precision weights, its
+    quantized layers are created from the config's module table, and every
+    tensor is checked (names, shapes, dtypes, finite scales) as it is loaded.
+    `dtype` is that of the full-precision rest (default: the config's); the
+    quantized layers keep their stored scale dtype. The tokenizer, if saved
+    beside the weights, comes from `lowbit.load_tokenizer(path)`.
+    """
+    config = read_model_config(path)
+    qc = check_quantization_config(
+        getattr(config, "quantization_config", None), f"{path}/config.json quantization_config"
+    )
+    reader = SafetensorsCheckpoint(path)
+    model = build_skeleton(config, dtype)
+    install_quant_linears(model, qc["modules"])
+    assign_tensors(model, reader, str(path))
+    model.lowbit_config = recorded_settings(qc)
+    return model.to(device).eval()
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint directory holds, read from its config and file sizes (no tensor data):
+    for lowbit and GPTQ checkpoints alike, the base for `lowbit info`."""
+    path = Path(path)
+    config = read_model_config(path)
+    qc = getattr(config, "quantization_config", None)
+    if not isinstance(qc, Mapping) and (path / "quantize_config.json").is_file():
+        qc = json.loads((path / "quantize_config.json").read_text())
+    files = sorted(path.glob("*.safetensors"))
+    info: dict[str, Any] = {
+        "path": str(path),
+        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+        "weights_bytes": sum(f.stat().st_size for f in files),
+        "weight_files": len(files),
+        "tokenizer": bool(tokenizer_files(path)),
+    }
+    if isinstance(qc, Mapping) and qc.get("quant_method") == QUANT_METHOD:
+        qc = check_quantization_config(qc, f"{path}/config.json quantization_config")
+        schemes = Counter(f"{s['bits']}-bit g{s['group_size']}" for s in qc["modules"].values())
+        info.update(
+            format=f"lowbit v{qc['format_version']}",
+            method=qc.get("method"),
+            bits=qc.get("bits"),
+            group_size=qc.get("group_size"),
+            quantized_modules=len(qc["modules"]),
+            schemes=dict(schemes),
+            full_precision_modules=list(qc.get("modules_to_not_convert") or []),
+            overrides=qc.get("overrides") or [],
+            method_config=qc.get("method_config") or {},
+        )
+    elif isinstance(qc, Mapping) and qc.get("quant_method", "gptq") == "gptq" and "bits" in qc:
+        reader = SafetensorsCheckpoint(path)
+        info.update(
+            format=str(qc.get("checkpoint_format") or qc.get("format") or "gptq"),
+            method="gptq",
+            bits=qc.get("bits"),
+            group_size=qc.get("group_size"),
+            desc_act=qc.get("desc_act"),
+            quantized_modules=sum(k.endswith(".qweight") for k in reader.keys()),
+        )
+    else:
+        info.update(format="full precision" if qc is None else str(qc.get("quant_method")))
+    return info
