@@ -94,7 +94,8 @@ void run_case(const Case& c, std::mt19937& rng) {
 
 std::vector<cpu::Isa> runnable_isas() {
   std::vector<cpu::Isa> isas;
-  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512,
+                        cpu::Isa::kAvx512Emulated}) {
     if (cpu::isa_supported(isa)) isas.push_back(isa);
   }
   return isas;
@@ -149,7 +150,7 @@ TEST(isa_selection_rejects_what_the_cpu_lacks) {
   CHECK(!cpu::parse_isa("sse9", &isa));
   CHECK(cpu::isa_supported(cpu::Isa::kScalar));
   CHECK(cpu::set_active_isa(cpu::Isa::kScalar) && cpu::active_isa() == cpu::Isa::kScalar);
-  for (cpu::Isa other : {cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+  for (cpu::Isa other : {cpu::Isa::kAvx2, cpu::Isa::kAvx512, cpu::Isa::kAvx512Emulated}) {
     CHECK(cpu::set_active_isa(other) == cpu::isa_supported(other));
   }
   cpu::set_active_isa(cpu::best_supported_isa());
