@@ -48,20 +48,25 @@ struct Vec8 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  static I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I bcast32(const uint8_t* p) {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm256_set1_epi32(static_cast<int32_t>(v));
+  static I load_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static I load_i_partial(const void* p, int count) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes);
+    return _mm256_maskload_epi32(static_cast<const int*>(p), mask);
   }
-  static I bcast64(const uint8_t* p) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    return _mm256_set1_epi64x(static_cast<long long>(v));
+  static I srli16(I v) { return _mm256_srli_epi32(v, 16); }
+  static I srli(I v, int n) { return _mm256_srli_epi32(v, n); }
+  static I slli(I v, int n) { return _mm256_slli_epi32(v, n); }
+  // Lane l: the 16 bits of lane first + l / 2 starting at bit 16 * (l % 2).
+  static I spread_pairs(I v, int first = 0) {
+    const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_set1_epi32(first));
+    return _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(v, idx),
+                             _mm256_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16));
   }
   static I and_(I a, I b) { return _mm256_and_si256(a, b); }
-  // Signed conversion: with 8 lanes every masked field is below 2^16.
-  static F u32_to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static F permute(F v, I idx) { return _mm256_permutevar8x32_ps(v, idx); }
   static F load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -71,8 +76,8 @@ struct Vec8 {
   }
 };
 
-// 16 fp32 lanes as two AVX2 registers (lanes 0-7, 8-15), with the exact
-// unsigned conversion that AVX-512 has in one instruction.
+// 16 fp32 lanes as two AVX2 registers (lanes 0-7, 8-15), for testing the
+// 16-lane algorithm of the AVX-512 variant on CPUs without AVX-512.
 struct Vec8x2 {
   static constexpr int kLanes = 16;
   static constexpr int kGemmRows = 12;  // as the AVX-512 variant
@@ -94,20 +99,32 @@ struct Vec8x2 {
   static F mul(F a, F b) { return {Vec8::mul(a.lo, b.lo), Vec8::mul(a.hi, b.hi)}; }
   static F fmadd(F a, F b, F c) { return {Vec8::fmadd(a.lo, b.lo, c.lo), Vec8::fmadd(a.hi, b.hi, c.hi)}; }
   static float sum(F v) { return Vec8::sum(Vec8::add(v.lo, v.hi)); }
-  static I load_i(const int32_t* p) { return {Vec8::load_i(p), Vec8::load_i(p + 8)}; }
-  static I bcast32(const uint8_t* p) { return {Vec8::bcast32(p), Vec8::bcast32(p)}; }
-  static I bcast64(const uint8_t* p) { return {Vec8::bcast64(p), Vec8::bcast64(p)}; }
+  static I load_i(const void* p) {
+    return {Vec8::load_i(p), Vec8::load_i(static_cast<const int32_t*>(p) + 8)};
+  }
+  static I load_i_partial(const void* p, int count) {
+    const int32_t* w = static_cast<const int32_t*>(p);
+    return {Vec8::load_i_partial(w, count < 8 ? count : 8),
+            count > 8 ? Vec8::load_i_partial(w + 8, count - 8) : _mm256_setzero_si256()};
+  }
+  static I srli16(I v) { return {Vec8::srli16(v.lo), Vec8::srli16(v.hi)}; }
+  static I srli(I v, int n) { return {Vec8::srli(v.lo, n), Vec8::srli(v.hi, n)}; }
+  static I slli(I v, int n) { return {Vec8::slli(v.lo, n), Vec8::slli(v.hi, n)}; }
+  static I spread_pairs(I v) { return {Vec8::spread_pairs(v.lo, 0), Vec8::spread_pairs(v.lo, 4)}; }
   static I and_(I a, I b) { return {Vec8::and_(a.lo, b.lo), Vec8::and_(a.hi, b.hi)}; }
-  static F u32_to_float(I v) { return {u32_half(v.lo), u32_half(v.hi)}; }
+  static I or_(I a, I b) { return {Vec8::or_(a.lo, b.lo), Vec8::or_(a.hi, b.hi)}; }
+  static F to_float(I v) { return {Vec8::to_float(v.lo), Vec8::to_float(v.hi)}; }
+  static F permute(F v, I idx) { return {permute_half(v, idx.lo), permute_half(v, idx.hi)}; }
   static F load_f16(const uint16_t* p) { return {Vec8::load_f16(p), Vec8::load_f16(p + 8)}; }
   static F load_bf16(const uint16_t* p) { return {Vec8::load_bf16(p), Vec8::load_bf16(p + 8)}; }
 
  private:
-  // hi16 * 65536 + lo16: both conversions exact, one rounding in the FMA.
-  static __m256 u32_half(__m256i v) {
-    const __m256 high = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 16));
-    const __m256 low = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)));
-    return _mm256_fmadd_ps(high, _mm256_set1_ps(65536.0f), low);
+  // Eight lanes picked from all sixteen: from v.lo where idx < 8, else v.hi.
+  static __m256 permute_half(F v, __m256i idx) {
+    const __m256i in_hi = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
+    const __m256 from_lo = _mm256_permutevar8x32_ps(v.lo, idx);
+    const __m256 from_hi = _mm256_permutevar8x32_ps(v.hi, idx);
+    return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(in_hi));
   }
 };
 

@@ -1,6 +1,7 @@
 // The AVX-512 (F, BW, VL, DQ) kernel variant: the algorithm of simd_linear.h
-// over 16-lane vectors. It differs from the 16-lane emulation in avx2.cpp,
-// which the tests run on CPUs without AVX-512, only in the wrappers below.
+// over 16-lane vectors. It differs from the 16-lane emulation in avx2.cpp
+// (Vec8x2, which the tests run on CPUs without AVX-512) only in the wrappers
+// below.
 #include "kernels.h"
 
 #if defined(LOWBIT_HAVE_AVX512)
@@ -48,19 +49,23 @@ struct Vec16 {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(F v) { return _mm512_reduce_add_ps(v); }
-  static I load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static I bcast32(const uint8_t* p) {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(static_cast<int32_t>(v));
+  static I load_i(const void* p) { return _mm512_loadu_si512(p); }
+  static I load_i_partial(const void* p, int count) {
+    return _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << count) - 1u), p);
   }
-  static I bcast64(const uint8_t* p) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    return _mm512_set1_epi64(static_cast<long long>(v));
+  static I srli16(I v) { return _mm512_srli_epi32(v, 16); }
+  static I srli(I v, int n) { return _mm512_srli_epi32(v, static_cast<unsigned>(n)); }
+  static I slli(I v, int n) { return _mm512_slli_epi32(v, static_cast<unsigned>(n)); }
+  // Lane l: the 16 bits of lane l / 2 starting at bit 16 * (l % 2).
+  static I spread_pairs(I v) {
+    const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i shifts = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
+    return _mm512_srlv_epi32(_mm512_permutexvar_epi32(idx, v), shifts);
   }
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
-  static F u32_to_float(I v) { return _mm512_cvtepu32_ps(v); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static F permute(F v, I idx) { return _mm512_permutexvar_ps(idx, v); }
   static F load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }

@@ -7,19 +7,26 @@
 // from the standard library must be included by the includer before the target
 // switch; nothing here instantiates a standard-library template.
 //
-// `V` provides, for kLanes fp32 lanes (F) and as many 32-bit integer lanes (I):
-//   zero, set1, load, store, add, mul, fmadd, sum (horizontal), load_i,
-//   bcast32 / bcast64 (4 / 8 unaligned bytes repeated over the lanes),
-//   and_, u32_to_float (exact for the masked code fields below),
-//   load_f16, load_bf16 (kLanes 16-bit floats to fp32), and
-//   kGemmRows (weight rows per GEMM micro-tile).
+// `V` provides, for kLanes fp32 lanes (F) and as many int32 lanes (I):
+//   zero, set1, load, store, add, mul, fmadd, sum (horizontal),
+//   load_i (kLanes words), load_i_partial (the first `count` words, the other
+//   lanes zero; tail super-blocks), srli16, spread_pairs (lane l gets the 16 bits of word l / 2
+//   that start at bit 16 * (l % 2)), to_float (int32 -> fp32), permute (lane l
+//   gets lane idx[l]), load_f16, load_bf16, and kGemmRows (weight rows per
+//   GEMM micro-tile).
 //
-// Decoding. Codes are never shifted into place: a word (or a pair of words)
-// is broadcast to every lane, each lane keeps one field with its own mask,
-// and the masked integer, q * 2^shift, is converted to float as it stands.
-// The activations are pre-scaled once per call by 2^-shift (exact: a power of
-// two), so the product with the weight is exactly q * x. This costs two
-// vector operations per kLanes codes (AND and convert) before the FMA.
+// Decoding ("a lane is a word"). A super-block is kLanes consecutive words of
+// a plane; lane l holds word l. Vector j of the super-block masks the same
+// field j of every word, so lane l holds code l * F + j (F codes per word),
+// as the integer q * 2^shift(j); it is converted to float as it stands. Fields
+// in the upper half of a word are read from the word shifted right by 16, so
+// every masked value is below 2^16 and converts exactly. The activations are
+// permuted to the same order and pre-scaled by 2^-shift(j) once per call
+// (exact: a power of two), so each product is exactly q * x. Cost: an AND and
+// a conversion per kLanes codes before the FMA, and no broadcasts, which are
+// slow on some x86 cores. A lane covers at most 16 codes, so it lies in one
+// quantization group; the group scales are permuted to the lanes once per
+// super-block.
 
 #if !defined(LOWBIT_SIMD_NAMESPACE)
 #error "define LOWBIT_SIMD_NAMESPACE before including simd_linear.h"
@@ -29,24 +36,23 @@ namespace lowbit {
 namespace cpu {
 namespace LOWBIT_SIMD_NAMESPACE {
 
-constexpr int64_t kBlock = kBlockCodes;  // codes per block: every group is whole blocks
-
-// An aligned fp32 work buffer (plain malloc: no standard template is
-// instantiated under this file's target).
+// An aligned buffer (plain malloc: no standard template is instantiated under
+// this file's target).
+template <class T>
 class Scratch {
  public:
-  explicit Scratch(int64_t floats) {
-    const size_t bytes = (static_cast<size_t>(floats > 0 ? floats : 1) * 4 + 63) / 64 * 64;
-    data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+  explicit Scratch(int64_t count) {
+    const size_t bytes = (static_cast<size_t>(count > 0 ? count : 1) * sizeof(T) + 63) / 64 * 64;
+    data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (data_ == nullptr) throw std::bad_alloc();
   }
   ~Scratch() { std::free(data_); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
-  float* get() const { return data_; }
+  T* get() const { return data_; }
 
  private:
-  float* data_;
+  T* data_;
 };
 
 template <class Fn>
@@ -56,72 +62,103 @@ void for_range(const Parallel& par, int64_t n, int64_t grain, Fn&& fn) {
 }
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Where the codes of one block (32 codes) of a plane of PB-bit fields land in
-// the L lanes of the block's 32 / L vectors. Vector v of a block reads a
-// broadcast at byte_offset(v) (8 bytes for 4-bit planes, else 4), and lane l
-// keeps the field at bit shift(l), which holds code(v, l) of the block.
-//   2-bit: 16 codes a word; each broadcast serves L consecutive codes.
-//   1-bit: 32 codes a word; likewise.
-//   4-bit: 8 codes a word; a broadcast of two words serves the same L/2
-//          nibbles of both, even lanes from the first word, odd from the
-//          second, so the codes are permuted within the block.
-// With 8 lanes every field lies below bit 16 of its broadcast, so a signed
-// int32 conversion is exact; 16 lanes use the whole word and need an unsigned
-// one. A broadcast may read up to 3 bytes past its block: only the last row of
-// a matrix needs padding (see PaddedLastRow).
+// Field j of the words of a plane of PB-bit fields, for L lanes. PB = 1 is the
+// high-bit plane of 3-bit rows after spread_pairs: 16 fields per lane, each a
+// code of the matching 2-bit super-block.
 template <int L, int PB>
 struct Plane {
-  static_assert(L == 8 || L == 16, "8 or 16 lanes");
   static_assert(PB == 1 || PB == 2 || PB == 4, "1-, 2- or 4-bit fields");
-  static constexpr int kVectors = kBlockCodes / L;
-  static constexpr int kBlockBytes = 4 * PB;
-  static constexpr bool kWide = PB == 4;
-  static constexpr int kPerPair = 16 / L;  // 4-bit: vectors per pair of words
-
-  static constexpr int shift(int l) { return PB == 4 ? 4 * (l >> 1) : PB * l; }
-  static constexpr int byte_offset(int v) {
-    return PB == 4 ? 8 * (v / kPerPair) + (L / 4) * (v % kPerPair) : v * L * PB / 8;
-  }
-  static constexpr int code(int v, int l) {
-    return PB == 4 ? 8 * (2 * (v / kPerPair) + (l & 1)) + (L / 2) * (v % kPerPair) + (l >> 1)
-                   : v * L + l;
-  }
-  static constexpr uint32_t mask(int l) { return ((1u << PB) - 1u) << shift(l); }
-  static float lane_scale(int l) { return bits_float(uint32_t(127 - shift(l)) << 23); }
+  static constexpr int kPerLane = PB == 1 ? 16 : 32 / PB;          // codes a lane holds
+  static constexpr int kPerHalf = PB == 1 ? 16 : kPerLane / 2;     // fields below bit 16
+  static constexpr int kCodes = L * kPerLane;                       // codes a super-block holds
+  static constexpr int shift(int j) { return PB * (j % kPerHalf); }
+  static constexpr uint32_t mask(int j) { return ((1u << PB) - 1u) << shift(j); }
+  static constexpr int code(int j, int l) { return l * kPerLane + j; }
+  static float scale(int j) { return bits_float(uint32_t(127 - shift(j)) << 23); }  // 2^-shift
 };
 
-template <class V, int PB>
-using PlaneOf = Plane<V::kLanes, PB>;
+template <class V, int kBits>
+using LowPlane = Plane<V::kLanes, low_plane_bits(kBits)>;
+template <class V>
+using HighPlane = Plane<V::kLanes, 1>;
 
-// The masks of a plane, one per lane (the same for every vector of a block).
+// The masks of fields [0, kPerHalf) of a plane, vector after vector.
 template <class V, class P>
-typename V::I plane_masks() {
-  alignas(64) int32_t m[V::kLanes];
-  for (int l = 0; l < V::kLanes; ++l) m[l] = static_cast<int32_t>(P::mask(l));
-  return V::load_i(m);
-}
+struct Masks {
+  alignas(64) int32_t m[P::kPerHalf][V::kLanes];
+  Masks() {
+    for (int j = 0; j < P::kPerHalf; ++j)
+      for (int l = 0; l < V::kLanes; ++l) m[j][l] = static_cast<int32_t>(P::mask(j));
+  }
+  typename V::I operator[](int j) const { return V::load_i(m[j]); }
+};
 
-// The per-lane factors 2^-shift(l) of a plane, times `extra`.
-template <class V, class P>
-typename V::F plane_scales(float extra) {
-  alignas(64) float s[V::kLanes];
-  for (int l = 0; l < V::kLanes; ++l) s[l] = extra * P::lane_scale(l);
-  return V::load(s);
-}
+// Bit 2 of each 2-bit field f of a word: where gemv_tile puts the high bit
+// of a 3-bit code.
+template <class V>
+struct HighBitMasks {
+  alignas(64) int32_t m[8][V::kLanes];
+  HighBitMasks() {
+    for (int f = 0; f < 8; ++f)
+      for (int l = 0; l < V::kLanes; ++l) m[f][l] = static_cast<int32_t>(4u << (2 * f));
+  }
+  typename V::I operator[](int f) const { return V::load_i(m[f]); }
+};
 
-// q * 2^shift for the lanes of vector v of the block at `block`.
-template <class V, class P>
-inline typename V::F decode(const uint8_t* block, int v, typename V::I mask) {
-  const uint8_t* p = block + P::byte_offset(v);
-  const typename V::I raw = P::kWide ? V::bcast64(p) : V::bcast32(p);
-  return V::u32_to_float(V::and_(raw, mask));
-}
+// Words of one row's planes, super-block by super-block.
+template <class V, int kBits>
+struct RowReader {
+  int64_t words;     // words of the low plane
+  int64_t hi_start;  // first word of the 1-bit plane (3-bit rows)
+
+  explicit RowReader(const QuantMatrix& w)
+      : words(w.k * low_plane_bits(kBits) / 32), hi_start(high_plane_offset(w.k)) {}
+  int64_t super_blocks() const { return ceil_div(words, V::kLanes); }
+
+  typename V::I low(const uint32_t* row, int64_t sb) const {
+    const int64_t first = sb * V::kLanes, valid = min64(V::kLanes, words - first);
+    if (valid == V::kLanes) return V::load_i(row + first);
+    return V::load_i_partial(row + first, static_cast<int>(valid));
+  }
+  // The high bits of the codes of low(row, sb), in the same lanes.
+  typename V::I high(const uint32_t* row, int64_t sb) const {
+    const int64_t first = sb * V::kLanes, valid = min64(V::kLanes, words - first);
+    return V::spread_pairs(V::load_i_partial(row + hi_start + first / 2, static_cast<int>((valid + 1) / 2)));
+  }
+};
+
+// For each super-block, the first group it touches and, per lane, the offset
+// of that lane's group from it (the same for every row).
+template <class V, int kBits>
+struct GroupLanes {
+  Scratch<int32_t> first, offset;
+
+  GroupLanes(const QuantMatrix& w, int64_t super_blocks)
+      : first(super_blocks), offset(super_blocks * V::kLanes) {
+    using P = LowPlane<V, kBits>;
+    const int64_t last = w.groups() - 1;
+    for (int64_t sb = 0; sb < super_blocks; ++sb) {
+      const int64_t g0 = sb * P::kCodes / w.group_size;
+      first.get()[sb] = static_cast<int32_t>(g0);
+      for (int l = 0; l < V::kLanes; ++l) {
+        const int64_t g = min64(last, (sb * P::kCodes + l * P::kPerLane) / w.group_size);
+        offset.get()[sb * V::kLanes + l] = static_cast<int32_t>(g - g0);
+      }
+    }
+  }
+  // values[g - base] of each lane's group g; values must be readable kLanes
+  // past the first group of the super-block.
+  typename V::F gather(const float* values, int64_t sb, int64_t base = 0) const {
+    return V::permute(V::load(values + (first.get()[sb] - base)),
+                      V::load_i(offset.get() + sb * V::kLanes));
+  }
+};
 
 // count values of dtype t starting at src[i0], to fp32.
 template <class V>
-void to_float(const void* src, DType t, int64_t i0, int64_t count, float* dst) {
+void load_floats(const void* src, DType t, int64_t i0, int64_t count, float* dst) {
   constexpr int L = V::kLanes;
   int64_t i = 0;
   if (t == DType::kF16) {
@@ -134,69 +171,43 @@ void to_float(const void* src, DType t, int64_t i0, int64_t count, float* dst) {
   for (; i < count; ++i) dst[i] = load_as_float(src, t, i0 + i);
 }
 
-// Row-pointer source for the kernels: the packed rows of w, except that the
-// last row is read from a padded copy, because broadcasts read up to 3 bytes
-// past the end of a row.
-class PaddedLastRow {
- public:
-  explicit PaddedLastRow(const QuantMatrix& w)
-      : w_(w), bytes_(w.row_words() * 4), copy_(w.row_words() + 4) {
-    std::memcpy(copy_.get(), w.packed + (w.n - 1) * w.row_words(), static_cast<size_t>(bytes_));
-    std::memset(reinterpret_cast<uint8_t*>(copy_.get()) + bytes_, 0, 16);
-  }
-  const uint8_t* row(int64_t n) const {
-    if (n == w_.n - 1) return reinterpret_cast<const uint8_t*>(copy_.get());
-    return reinterpret_cast<const uint8_t*>(w_.packed) + n * bytes_;
-  }
-
- private:
-  const QuantMatrix& w_;
-  int64_t bytes_;
-  Scratch copy_;
-};
-
-// Byte offset of the 1-bit plane of a 3-bit row.
-inline int64_t high_plane_bytes(int64_t k) { return high_plane_offset(k) * 4; }
-
-// ------------------------------------------------------------------------------------------
-// GEMV (few activation rows): y[m][n] = sum_g s[n][g] * dot(q[n][g], x[m][g])
-//                                       - sum_g s[n][g] * z[n][g] * xsum[m][g]
-// R weight rows at a time share each activation load, MB activation rows share
-// each decoded weight vector.
-
-// Activations for the GEMV: pre-scaled copies in the lane order of the low
-// plane (and, for 3 bits, of the 1-bit plane, times 4), and group sums.
-struct GemvX {
-  const float* lo;   // [m][k]
-  const float* hi;   // [m][k], 3-bit only
-  const float* sum;  // [m][groups]
-};
-
+// x permuted to the lane order of plane P, times 2^-shift(j) * extra, zero past k.
+// out has room for whole super-blocks.
 template <class V, class P>
-void prescale_row(const float* x, int64_t k, float extra, float* out) {
+void permute_row(const float* x, int64_t k, int64_t super_blocks, float extra, bool prescale,
+                 float* out) {
   constexpr int L = V::kLanes;
-  if (P::code(1, 0) == L && P::code(0, 1) == 1) {  // codes in order: scale whole vectors
-    const typename V::F scale = plane_scales<V, P>(extra);
-    for (int64_t i = 0; i < k; i += L) V::store(out + i, V::mul(V::load(x + i), scale));
-    return;
-  }
-  for (int64_t b = 0; b < k; b += kBlock) {
-    for (int v = 0; v < P::kVectors; ++v) {
+  for (int64_t sb = 0; sb < super_blocks; ++sb) {
+    for (int j = 0; j < P::kPerLane; ++j) {
+      const float factor = prescale ? extra * P::scale(j) : extra;
       for (int l = 0; l < L; ++l) {
-        out[b + v * L + l] = x[b + P::code(v, l)] * (extra * P::lane_scale(l));
+        const int64_t c = sb * P::kCodes + P::code(j, l);
+        out[sb * P::kCodes + j * L + l] = c < k ? x[c] * factor : 0.0f;
       }
     }
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// GEMV (few activation rows): y[m][n] = sum_g s[n][g] * dot(q[n][g], x[m][g])
+//                                       - sum_g s[n][g] * z[n][g] * xsum[m][g]
+// R weight rows at a time share each activation load, MB activation rows share
+// each decoded weight vector; C independent accumulators per pair hide the FMA
+// latency when R * MB is small.
+
+struct GemvX {
+  const float* lo;   // [m][kpad] permuted, pre-scaled for the low plane
+  const float* sum;  // [m][groups]
+  int64_t kpad;
+};
+
 template <class V, int kBits>
-void prepare_gemv_x(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float* lo,
-                    float* hi, float* sum) {
-  const int64_t k = w.k, groups = w.groups();
+void prepare_gemv_x(const QuantMatrix& w, const float* x, int64_t m, int64_t stride,
+                    int64_t super_blocks, int64_t kpad, float* lo, float* sum) {
+  const int64_t groups = w.groups();
   for (int64_t mi = 0; mi < m; ++mi) {
     const float* xr = x + mi * stride;
-    prescale_row<V, PlaneOf<V, low_plane_bits(kBits)>>(xr, k, 1.0f, lo + mi * k);
-    if (kBits == 3) prescale_row<V, PlaneOf<V, 1>>(xr, k, 4.0f, hi + mi * k);
+    permute_row<V, LowPlane<V, kBits>>(xr, w.k, super_blocks, 1.0f, true, lo + mi * kpad);
     for (int64_t g = 0; g < groups; ++g) {
       typename V::F acc = V::zero();
       for (int64_t i = g * w.group_size; i < (g + 1) * w.group_size; i += V::kLanes) {
@@ -207,104 +218,118 @@ void prepare_gemv_x(const QuantMatrix& w, const float* x, int64_t m, int64_t str
   }
 }
 
-// Scales of rows [n, n + r) as fp32, [r][groups], and each row's zero term for
-// activation rows [m0, m0 + mb): offset[r][mb] = -sum_g s * z * xsum[m][g].
+// Scales of row n as fp32 (padded with kLanes zeros for GroupLanes::gather),
+// and the row's zero term for activation rows [0, mb): -sum_g s * z * xsum[m][g].
 template <class V>
-void row_scales(const QuantMatrix& w, const GemvX& x, int64_t n, int r, int64_t m0, int mb,
-                float* scales, float* zeros, float* offsets) {
+void row_scales(const QuantMatrix& w, const GemvX& x, int64_t n, int mb, float* scales,
+                float* zeros, float* offsets) {
   constexpr int L = V::kLanes;
   const int64_t groups = w.groups();
-  for (int i = 0; i < r; ++i) {
-    float* s = scales + i * groups;
-    to_float<V>(w.scales, w.scale_dtype, (n + i) * groups, groups, s);
-    to_float<V>(w.zeros, w.scale_dtype, (n + i) * groups, groups, zeros);
-    for (int j = 0; j < mb; ++j) {
-      const float* xs = x.sum + (m0 + j) * groups;
-      typename V::F acc = V::zero();
-      int64_t g = 0;
-      for (; g + L <= groups; g += L) {
-        acc = V::fmadd(V::mul(V::load(s + g), V::load(zeros + g)), V::load(xs + g), acc);
-      }
-      float total = V::sum(acc);
-      for (; g < groups; ++g) total += s[g] * zeros[g] * xs[g];
-      offsets[i * mb + j] = -total;
+  load_floats<V>(w.scales, w.scale_dtype, n * groups, groups, scales);
+  load_floats<V>(w.zeros, w.scale_dtype, n * groups, groups, zeros);
+  for (int l = 0; l < L; ++l) scales[groups + l] = 0.0f;
+  for (int j = 0; j < mb; ++j) {
+    const float* xs = x.sum + j * groups;
+    typename V::F acc = V::zero();
+    int64_t g = 0;
+    for (; g + L <= groups; g += L) {
+      acc = V::fmadd(V::mul(V::load(scales + g), V::load(zeros + g)), V::load(xs + g), acc);
     }
+    float total = V::sum(acc);
+    for (; g < groups; ++g) total += scales[g] * zeros[g] * xs[g];
+    offsets[j] = -total;
   }
 }
 
+// Dot products of R weight rows with MB activation rows, scaled per group.
+// 3-bit codes are assembled in the integer lanes before the conversion: the
+// high bit of field f is shifted next to its low bits (one shift and one AND),
+// so 3-bit rows cost one conversion and one FMA per kLanes codes, like 2-bit.
 template <class V, int kBits, int R, int MB>
-void gemv_tile(const QuantMatrix& w, const GemvX& x, int64_t m0, const uint8_t* const* rows,
-               const float* scales, const float* offsets, int64_t n0, float* y) {
+void gemv_tile(const RowReader<V, kBits>& reader, const GroupLanes<V, kBits>& lanes,
+               const GemvX& x, const uint32_t* const* rows, const float* const* scales,
+               typename V::F (&result)[R][MB]) {
   using F = typename V::F;
-  using Lo = PlaneOf<V, low_plane_bits(kBits)>;
-  using Hi = PlaneOf<V, 1>;
-  constexpr int L = V::kLanes;
-  const int64_t k = w.k, groups = w.groups(), blocks_per_group = w.group_size / kBlock;
-  const int64_t hi_bytes = high_plane_bytes(k);
-  const typename V::I lo_mask = plane_masks<V, Lo>();
-  const typename V::I hi_mask = plane_masks<V, Hi>();
-  const float* xlo = x.lo + m0 * k;
-  const float* xhi = x.hi + m0 * k;
+  using I = typename V::I;
+  using Lo = LowPlane<V, kBits>;
+  constexpr int L = V::kLanes, C = R * MB <= 3 ? 2 : 1;
+  static const Masks<V, Lo> lo_masks;
+  static const HighBitMasks<V> hi_masks;
 
   F acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = V::zero();
-
-  for (int64_t g = 0; g < groups; ++g) {
-    F dot[R][MB];
+  const int64_t super_blocks = reader.super_blocks();
+  for (int64_t sb = 0; sb < super_blocks; ++sb) {
+    F dot[R][MB][C];
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) dot[r][j] = V::zero();
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-#pragma GCC unroll 4
-      for (int v = 0; v < Lo::kVectors; ++v) {
+      for (int j = 0; j < MB; ++j)
+        for (int c = 0; c < C; ++c) dot[r][j][c] = V::zero();
+    I raw[R], high[R];
+    for (int r = 0; r < R; ++r) {
+      raw[r] = reader.low(rows[r], sb);
+      if (kBits == 3) high[r] = reader.high(rows[r], sb);
+    }
+    const float* xlo = x.lo + sb * Lo::kCodes;
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+#pragma GCC unroll 8
+      for (int f = 0; f < Lo::kPerHalf; ++f) {
+        const I mask = lo_masks[f];
+        const int field = half * Lo::kPerHalf + f;
         F xv[MB];
-        for (int j = 0; j < MB; ++j) xv[j] = V::load(xlo + j * k + b * kBlock + v * L);
+        for (int j = 0; j < MB; ++j) xv[j] = V::load(xlo + j * x.kpad + field * L);
         for (int r = 0; r < R; ++r) {
-          const F q = decode<V, Lo>(rows[r] + b * Lo::kBlockBytes, v, lo_mask);
-          for (int j = 0; j < MB; ++j) dot[r][j] = V::fmadd(q, xv[j], dot[r][j]);
+          I v = V::and_(raw[r], mask);
+          if (kBits == 3) v = V::or_(v, V::and_(V::slli(high[r], f + 2), hi_masks[f]));
+          const F q = V::to_float(v);
+          for (int j = 0; j < MB; ++j) dot[r][j][half % C] = V::fmadd(q, xv[j], dot[r][j][half % C]);
         }
       }
-      if (kBits == 3) {
-#pragma GCC unroll 4
-        for (int v = 0; v < Hi::kVectors; ++v) {
-          F xv[MB];
-          for (int j = 0; j < MB; ++j) xv[j] = V::load(xhi + j * k + b * kBlock + v * L);
-          for (int r = 0; r < R; ++r) {
-            const F q = decode<V, Hi>(rows[r] + hi_bytes + b * Hi::kBlockBytes, v, hi_mask);
-            for (int j = 0; j < MB; ++j) dot[r][j] = V::fmadd(q, xv[j], dot[r][j]);
-          }
+      if (half == 0) {
+        for (int r = 0; r < R; ++r) {
+          raw[r] = V::srli16(raw[r]);
+          if (kBits == 3) high[r] = V::srli(high[r], 8);
         }
       }
     }
     for (int r = 0; r < R; ++r) {
-      const F s = V::set1(scales[r * groups + g]);
-      for (int j = 0; j < MB; ++j) acc[r][j] = V::fmadd(dot[r][j], s, acc[r][j]);
+      const F s = lanes.gather(scales[r], sb);
+      for (int j = 0; j < MB; ++j) {
+        F d = dot[r][j][0];
+        for (int c = 1; c < C; ++c) d = V::add(d, dot[r][j][c]);
+        acc[r][j] = V::fmadd(d, s, acc[r][j]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < MB; ++j) y[(m0 + j) * w.n + n0 + r] = V::sum(acc[r][j]) + offsets[r * MB + j];
+    for (int j = 0; j < MB; ++j) result[r][j] = acc[r][j];
 }
 
-// Rows [nb, ne) for activation rows [m0, m0 + MB), R rows at a time.
+// Rows [nb, ne) for all MB activation rows, R rows at a time.
 template <class V, int kBits, int R, int MB>
-void gemv_rows(const QuantMatrix& w, const GemvX& x, const PaddedLastRow& rows, int64_t m0,
-               int64_t nb, int64_t ne, float* y) {
-  const int64_t groups = w.groups();
-  Scratch buf(R * groups + groups + R * MB);
-  float* scales = buf.get();
-  float* zeros = scales + R * groups;
-  float* offsets = zeros + groups;
-  int64_t n = nb;
-  for (; n + R <= ne; n += R) {
-    const uint8_t* ptrs[R];
-    for (int r = 0; r < R; ++r) ptrs[r] = rows.row(n + r);
-    row_scales<V>(w, x, n, R, m0, MB, scales, zeros, offsets);
-    gemv_tile<V, kBits, R, MB>(w, x, m0, ptrs, scales, offsets, n, y);
-  }
-  for (; n < ne; ++n) {
-    const uint8_t* ptr = rows.row(n);
-    row_scales<V>(w, x, n, 1, m0, MB, scales, zeros, offsets);
-    gemv_tile<V, kBits, 1, MB>(w, x, m0, &ptr, scales, offsets, n, y);
+void gemv_rows(const QuantMatrix& w, const RowReader<V, kBits>& reader,
+               const GroupLanes<V, kBits>& lanes, const GemvX& x, int64_t nb, int64_t ne, float* y) {
+  constexpr int L = V::kLanes;
+  const int64_t stride = w.groups() + L;
+  Scratch<float> buf(R * stride + stride + R * MB);
+  float* zeros = buf.get() + R * stride;
+  float* offsets = zeros + stride;
+  const float* scales[R];
+  const uint32_t* rows[R];
+  for (int r = 0; r < R; ++r) scales[r] = buf.get() + r * stride;
+  for (int64_t n = nb; n < ne; n += R) {
+    // A short last tile repeats its last row: computed twice, stored once.
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = min64(n + r, ne - 1);
+      rows[r] = w.packed + row * w.row_words();
+      row_scales<V>(w, x, row, MB, buf.get() + r * stride, zeros, offsets + r * MB);
+    }
+    typename V::F acc[R][MB];
+    gemv_tile<V, kBits, R, MB>(reader, lanes, x, rows, scales, acc);
+    for (int r = 0; r < R && n + r < ne; ++r) {
+      for (int j = 0; j < MB; ++j) y[j * w.n + n + r] = V::sum(acc[r][j]) + offsets[r * MB + j];
+    }
   }
 }
 
@@ -314,16 +339,19 @@ constexpr int64_t kGemvMaxRows = 4;
 template <class V, int kBits>
 void gemv(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float* y,
           const Parallel& par) {
-  Scratch lo(m * w.k), hi(kBits == 3 ? m * w.k : 1), sum(m * w.groups());
-  prepare_gemv_x<V, kBits>(w, x, m, stride, lo.get(), hi.get(), sum.get());
-  const GemvX gx{lo.get(), hi.get(), sum.get()};
-  const PaddedLastRow rows(w);
+  const RowReader<V, kBits> reader(w);
+  const int64_t super_blocks = reader.super_blocks();
+  const int64_t kpad = super_blocks * LowPlane<V, kBits>::kCodes;
+  Scratch<float> lo(m * kpad), sum(m * w.groups());
+  prepare_gemv_x<V, kBits>(w, x, m, stride, super_blocks, kpad, lo.get(), sum.get());
+  const GemvX gx{lo.get(), sum.get(), kpad};
+  const GroupLanes<V, kBits> lanes(w, super_blocks);
   for_range(par, w.n, 16, [&](int64_t nb, int64_t ne) {
     switch (m) {
-      case 1: gemv_rows<V, kBits, 4, 1>(w, gx, rows, 0, nb, ne, y); break;
-      case 2: gemv_rows<V, kBits, 2, 2>(w, gx, rows, 0, nb, ne, y); break;
-      case 3: gemv_rows<V, kBits, 1, 3>(w, gx, rows, 0, nb, ne, y); break;
-      default: gemv_rows<V, kBits, 1, 4>(w, gx, rows, 0, nb, ne, y); break;
+      case 1: gemv_rows<V, kBits, 4, 1>(w, reader, lanes, gx, nb, ne, y); break;
+      case 2: gemv_rows<V, kBits, 2, 2>(w, reader, lanes, gx, nb, ne, y); break;
+      case 3: gemv_rows<V, kBits, 1, 3>(w, reader, lanes, gx, nb, ne, y); break;
+      default: gemv_rows<V, kBits, 1, 4>(w, reader, lanes, gx, nb, ne, y); break;
     }
   });
 }
@@ -335,70 +363,76 @@ void gemv(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float
 // chunk (in L2), kGemmRows x (2 vectors of m) outputs at a time. Decoding costs
 // about as much as 1/M of the multiplications.
 
-constexpr int64_t kChunk = 256;  // codes of K per panel (multiple of kBlock)
+constexpr int64_t kChunk = 256;  // codes of K per panel: a multiple of every super-block
 
 // xt[kk][mi] = x[mi][code(kk)] in the lane order of the low plane (for 3 bits
-// the 1-bit plane has the same order), zero for the padding mi >= m.
+// the 1-bit plane has the same order), zero for padding codes and rows.
 template <class V, int kBits>
-void prepare_gemm_x(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, int64_t mp,
-                    float* xt, const Parallel& par) {
-  using Lo = PlaneOf<V, low_plane_bits(kBits)>;
+void prepare_gemm_x(const QuantMatrix& w, const float* x, int64_t m, int64_t stride,
+                    int64_t kpad, int64_t mp, float* xt, const Parallel& par) {
+  using P = LowPlane<V, kBits>;
   constexpr int L = V::kLanes;
-  for_range(par, w.k / kBlock, 8, [&](int64_t bb, int64_t be) {
-    for (int64_t b = bb; b < be; ++b) {
-      for (int v = 0; v < Lo::kVectors; ++v) {
+  for_range(par, kpad / P::kCodes, 1, [&](int64_t sbb, int64_t sbe) {
+    for (int64_t sb = sbb; sb < sbe; ++sb) {
+      for (int j = 0; j < P::kPerLane; ++j) {
         for (int l = 0; l < L; ++l) {
-          float* dst = xt + (b * kBlock + v * L + l) * mp;
-          const float* src = x + b * kBlock + Lo::code(v, l);
-          for (int64_t mi = 0; mi < m; ++mi) dst[mi] = src[mi * stride];
-          for (int64_t mi = m; mi < mp; ++mi) dst[mi] = 0.0f;
+          const int64_t c = sb * P::kCodes + P::code(j, l);
+          float* dst = xt + (sb * P::kCodes + j * L + l) * mp;
+          for (int64_t mi = 0; mi < mp; ++mi) dst[mi] = (c < w.k && mi < m) ? x[mi * stride + c] : 0.0f;
         }
       }
     }
   });
 }
 
-// panel[r][kk] = W[n + r][code(kk)] for the codes of blocks [b0, b1) (zero for
-// rows past the end), fully dequantized: s * q - s * z.
+// panel[r][kk] = W[n + r][code(kk)] for the codes of super-blocks [sb0, sb1),
+// fully dequantized: s * q - s * z (rows past the end: zero).
 template <class V, int kBits>
-void decode_panel(const QuantMatrix& w, const PaddedLastRow& rows, int64_t n, int64_t b0,
-                  int64_t b1, float* panel) {
+void decode_panel(const QuantMatrix& w, const RowReader<V, kBits>& reader,
+                  const GroupLanes<V, kBits>& lanes, int64_t n, int64_t sb0, int64_t sb1,
+                  float* panel) {
   using F = typename V::F;
-  using Lo = PlaneOf<V, low_plane_bits(kBits)>;
-  using Hi = PlaneOf<V, 1>;
+  using I = typename V::I;
+  using Lo = LowPlane<V, kBits>;
+  using Hi = HighPlane<V>;
   constexpr int L = V::kLanes;
-  const int64_t width = (b1 - b0) * kBlock, groups = w.groups();
-  const int64_t blocks_per_group = w.group_size / kBlock, hi_bytes = high_plane_bytes(w.k);
-  const typename V::I lo_mask = plane_masks<V, Lo>();
-  const typename V::I hi_mask = plane_masks<V, Hi>();
-  const F lo_lanes = plane_scales<V, Lo>(1.0f);
-  const F hi_lanes = plane_scales<V, Hi>(4.0f);
+  static const Masks<V, Lo> lo_masks;
+  static const Masks<V, Hi> hi_masks;
+  const int64_t width = (sb1 - sb0) * Lo::kCodes, groups = w.groups();
+  // Groups that the chunk touches, [g0, g1), as fp32 scales and offsets -s * z.
+  const int64_t g0 = sb0 * Lo::kCodes / w.group_size;
+  const int64_t g1 = min64(groups, ceil_div(sb1 * Lo::kCodes, w.group_size));
+  alignas(64) float scales[kChunk / kBlockCodes + 2 * L], offsets[kChunk / kBlockCodes + 2 * L];
   for (int r = 0; r < V::kGemmRows; ++r) {
     float* out = panel + r * width;
     if (n + r >= w.n) {
       for (int64_t i = 0; i < width; ++i) out[i] = 0.0f;
       continue;
     }
-    const uint8_t* row = rows.row(n + r);
-    int64_t group = -1;
-    F s_lo = V::zero(), s_hi = V::zero(), offset = V::zero();
-    for (int64_t b = b0; b < b1; ++b) {
-      if (b / blocks_per_group != group) {
-        group = b / blocks_per_group;
-        const float s = load_as_float(w.scales, w.scale_dtype, (n + r) * groups + group);
-        const float z = load_as_float(w.zeros, w.scale_dtype, (n + r) * groups + group);
-        s_lo = V::mul(V::set1(s), lo_lanes);
-        s_hi = V::mul(V::set1(s), hi_lanes);
-        offset = V::set1(-s * z);
-      }
-      float* dst = out + (b - b0) * kBlock;
-#pragma GCC unroll 4
-      for (int v = 0; v < Lo::kVectors; ++v) {
-        F wv = V::fmadd(decode<V, Lo>(row + b * Lo::kBlockBytes, v, lo_mask), s_lo, offset);
-        if (kBits == 3) {
-          wv = V::fmadd(decode<V, Hi>(row + hi_bytes + b * Hi::kBlockBytes, v, hi_mask), s_hi, wv);
+    load_floats<V>(w.scales, w.scale_dtype, (n + r) * groups + g0, g1 - g0, scales);
+    load_floats<V>(w.zeros, w.scale_dtype, (n + r) * groups + g0, g1 - g0, offsets);
+    for (int64_t g = 0; g < g1 - g0; ++g) offsets[g] *= -scales[g];
+    for (int l = 0; l < 2 * L; ++l) scales[g1 - g0 + l] = offsets[g1 - g0 + l] = 0.0f;
+    const uint32_t* row = w.packed + (n + r) * w.row_words();
+    for (int64_t sb = sb0; sb < sb1; ++sb) {
+      const F s = lanes.gather(scales, sb, g0);
+      const F offset = lanes.gather(offsets, sb, g0);
+      I raw = reader.low(row, sb);
+      I high = kBits == 3 ? reader.high(row, sb) : raw;
+      float* dst = out + (sb - sb0) * Lo::kCodes;
+      for (int half = 0; half < 2; ++half) {
+#pragma GCC unroll 8
+        for (int f = 0; f < Lo::kPerHalf; ++f) {
+          const int field = half * Lo::kPerHalf + f;
+          const F q = V::to_float(V::and_(raw, lo_masks[f]));
+          F wv = V::fmadd(q, V::mul(s, V::set1(Lo::scale(f))), offset);
+          if (kBits == 3) {
+            const F qh = V::to_float(V::and_(high, hi_masks[field]));
+            wv = V::fmadd(qh, V::mul(s, V::set1(4.0f * Hi::scale(field))), wv);
+          }
+          V::store(dst + field * L, wv);
         }
-        V::store(dst + v * L, wv);
+        raw = V::srli16(raw);
       }
     }
   }
@@ -428,26 +462,30 @@ void micro_kernel(const float* panel, int64_t width, const float* xt, int64_t mp
 template <class V, int kBits>
 void gemm(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float* y,
           const Parallel& par) {
+  using Lo = LowPlane<V, kBits>;
   constexpr int L = V::kLanes, R = V::kGemmRows;
-  const int64_t mp = round_up(m, L), panels = (w.n + R - 1) / R, blocks = w.k / kBlock;
-  const int64_t chunk_blocks = kChunk / kBlock;
-  Scratch xt(w.k * mp), yt(panels * R * mp);
-  prepare_gemm_x<V, kBits>(w, x, m, stride, mp, xt.get(), par);
-  const PaddedLastRow rows(w);
+  const RowReader<V, kBits> reader(w);
+  const int64_t super_blocks = reader.super_blocks(), kpad = super_blocks * Lo::kCodes;
+  const int64_t mp = ceil_div(m, L) * L, panels = ceil_div(w.n, R);
+  const int64_t chunk_blocks = kChunk / Lo::kCodes;
+  Scratch<float> xt(kpad * mp), yt(panels * R * mp);
+  prepare_gemm_x<V, kBits>(w, x, m, stride, kpad, mp, xt.get(), par);
+  const GroupLanes<V, kBits> lanes(w, super_blocks);
   for_range(par, panels, 1, [&](int64_t pb, int64_t pe) {
-    Scratch panel(R * kChunk);
+    Scratch<float> panel(R * kChunk);
     // K outermost: the chunk of xt stays in L2 while every panel of this range uses it.
-    for (int64_t b0 = 0; b0 < blocks; b0 += chunk_blocks) {
-      const int64_t b1 = min64(blocks, b0 + chunk_blocks), width = (b1 - b0) * kBlock;
-      const float* xt_chunk = xt.get() + b0 * kBlock * mp;
+    for (int64_t sb0 = 0; sb0 < super_blocks; sb0 += chunk_blocks) {
+      const int64_t sb1 = min64(super_blocks, sb0 + chunk_blocks);
+      const int64_t width = (sb1 - sb0) * Lo::kCodes;
+      const float* xt_chunk = xt.get() + sb0 * Lo::kCodes * mp;
       for (int64_t p = pb; p < pe; ++p) {
-        decode_panel<V, kBits>(w, rows, p * R, b0, b1, panel.get());
+        decode_panel<V, kBits>(w, reader, lanes, p * R, sb0, sb1, panel.get());
         float* c = yt.get() + p * R * mp;
         int64_t m0 = 0;
         for (; m0 + 2 * L <= mp; m0 += 2 * L) {
-          micro_kernel<V, 2>(panel.get(), width, xt_chunk + m0, mp, c + m0, b0 > 0);
+          micro_kernel<V, 2>(panel.get(), width, xt_chunk + m0, mp, c + m0, sb0 > 0);
         }
-        if (m0 < mp) micro_kernel<V, 1>(panel.get(), width, xt_chunk + m0, mp, c + m0, b0 > 0);
+        if (m0 < mp) micro_kernel<V, 1>(panel.get(), width, xt_chunk + m0, mp, c + m0, sb0 > 0);
       }
     }
     for (int64_t p = pb; p < pe; ++p) {
