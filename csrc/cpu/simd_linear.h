@@ -161,14 +161,21 @@ template <class V>
 void load_floats(const void* src, DType t, int64_t i0, int64_t count, float* dst) {
   constexpr int L = V::kLanes;
   int64_t i = 0;
-  if (t == DType::kF16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src) + i0;
-    for (; i + L <= count; i += L) V::store(dst + i, V::load_f16(s + i));
-  } else if (t == DType::kBF16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src) + i0;
-    for (; i + L <= count; i += L) V::store(dst + i, V::load_bf16(s + i));
+  if (t == DType::kF32) {
+    std::memcpy(dst, static_cast<const float*>(src) + i0, static_cast<size_t>(count) * 4);
+    return;
   }
-  for (; i < count; ++i) dst[i] = load_as_float(src, t, i0 + i);
+  const uint16_t* s = static_cast<const uint16_t*>(src) + i0;
+  for (; i + L <= count; i += L) {
+    V::store(dst + i, t == DType::kF16 ? V::load_f16(s + i) : V::load_bf16(s + i));
+  }
+  if (i < count) {  // the tail through a zero-padded vector
+    alignas(64) uint16_t in[L] = {};
+    alignas(64) float out[L];
+    std::memcpy(in, s + i, static_cast<size_t>(count - i) * 2);
+    V::store(out, t == DType::kF16 ? V::load_f16(in) : V::load_bf16(in));
+    std::memcpy(dst + i, out, static_cast<size_t>(count - i) * 4);
+  }
 }
 
 // x permuted to the lane order of plane P, times 2^-shift(j) * extra, zero past k.
