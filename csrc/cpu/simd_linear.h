@@ -148,11 +148,10 @@ struct GroupLanes {
       }
     }
   }
-  // values[g - base] of each lane's group g; values must be readable kLanes
-  // past the first group of the super-block.
-  typename V::F gather(const float* values, int64_t sb, int64_t base = 0) const {
-    return V::permute(V::load(values + (first.get()[sb] - base)),
-                      V::load_i(offset.get() + sb * V::kLanes));
+  // values[g] of each lane's group g; values must be readable kLanes past
+  // the first group of the super-block.
+  typename V::F gather(const float* values, int64_t sb) const {
+    return V::permute(V::load(values + first.get()[sb]), V::load_i(offset.get() + sb * V::kLanes));
   }
 };
 
@@ -392,12 +391,35 @@ void prepare_gemm_x(const QuantMatrix& w, const float* x, int64_t m, int64_t str
   });
 }
 
+// Every row's scales s and offsets -s * z as fp32, [n][groups + kLanes] each
+// (padded for GroupLanes::gather), converted once per call.
+template <class V>
+struct RowScales {
+  int64_t stride;
+  Scratch<float> scales, offsets;
+
+  RowScales(const QuantMatrix& w, const Parallel& par)
+      : stride(w.groups() + V::kLanes), scales(w.n * stride), offsets(w.n * stride) {
+    const int64_t groups = w.groups();
+    for_range(par, w.n, 64, [&](int64_t nb, int64_t ne) {
+      for (int64_t n = nb; n < ne; ++n) {
+        float* s = scales.get() + n * stride;
+        float* o = offsets.get() + n * stride;
+        load_floats<V>(w.scales, w.scale_dtype, n * groups, groups, s);
+        load_floats<V>(w.zeros, w.scale_dtype, n * groups, groups, o);
+        for (int64_t g = 0; g < groups; ++g) o[g] *= -s[g];
+        for (int64_t g = groups; g < stride; ++g) s[g] = o[g] = 0.0f;
+      }
+    });
+  }
+};
+
 // panel[r][kk] = W[n + r][code(kk)] for the codes of super-blocks [sb0, sb1),
 // fully dequantized: s * q - s * z (rows past the end: zero).
 template <class V, int kBits>
 void decode_panel(const QuantMatrix& w, const RowReader<V, kBits>& reader,
-                  const GroupLanes<V, kBits>& lanes, int64_t n, int64_t sb0, int64_t sb1,
-                  float* panel) {
+                  const GroupLanes<V, kBits>& lanes, const RowScales<V>& row_scales, int64_t n,
+                  int64_t sb0, int64_t sb1, float* panel) {
   using F = typename V::F;
   using I = typename V::I;
   using Lo = LowPlane<V, kBits>;
@@ -405,25 +427,19 @@ void decode_panel(const QuantMatrix& w, const RowReader<V, kBits>& reader,
   constexpr int L = V::kLanes;
   static const Masks<V, Lo> lo_masks;
   static const Masks<V, Hi> hi_masks;
-  const int64_t width = (sb1 - sb0) * Lo::kCodes, groups = w.groups();
-  // Groups that the chunk touches, [g0, g1), as fp32 scales and offsets -s * z.
-  const int64_t g0 = sb0 * Lo::kCodes / w.group_size;
-  const int64_t g1 = min64(groups, ceil_div(sb1 * Lo::kCodes, w.group_size));
-  alignas(64) float scales[kChunk / kBlockCodes + 2 * L], offsets[kChunk / kBlockCodes + 2 * L];
+  const int64_t width = (sb1 - sb0) * Lo::kCodes;
   for (int r = 0; r < V::kGemmRows; ++r) {
     float* out = panel + r * width;
     if (n + r >= w.n) {
       for (int64_t i = 0; i < width; ++i) out[i] = 0.0f;
       continue;
     }
-    load_floats<V>(w.scales, w.scale_dtype, (n + r) * groups + g0, g1 - g0, scales);
-    load_floats<V>(w.zeros, w.scale_dtype, (n + r) * groups + g0, g1 - g0, offsets);
-    for (int64_t g = 0; g < g1 - g0; ++g) offsets[g] *= -scales[g];
-    for (int l = 0; l < 2 * L; ++l) scales[g1 - g0 + l] = offsets[g1 - g0 + l] = 0.0f;
+    const float* scales = row_scales.scales.get() + (n + r) * row_scales.stride;
+    const float* offsets = row_scales.offsets.get() + (n + r) * row_scales.stride;
     const uint32_t* row = w.packed + (n + r) * w.row_words();
     for (int64_t sb = sb0; sb < sb1; ++sb) {
-      const F s = lanes.gather(scales, sb, g0);
-      const F offset = lanes.gather(offsets, sb, g0);
+      const F s = lanes.gather(scales, sb);
+      const F offset = lanes.gather(offsets, sb);
       I raw = reader.low(row, sb);
       I high = kBits == 3 ? reader.high(row, sb) : raw;
       float* dst = out + (sb - sb0) * Lo::kCodes;
@@ -478,6 +494,7 @@ void gemm(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float
   Scratch<float> xt(kpad * mp), yt(panels * R * mp);
   prepare_gemm_x<V, kBits>(w, x, m, stride, kpad, mp, xt.get(), par);
   const GroupLanes<V, kBits> lanes(w, super_blocks);
+  const RowScales<V> row_scales(w, par);
   for_range(par, panels, 1, [&](int64_t pb, int64_t pe) {
     Scratch<float> panel(R * kChunk);
     // K outermost: the chunk of xt stays in L2 while every panel of this range uses it.
@@ -486,7 +503,7 @@ void gemm(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float
       const int64_t width = (sb1 - sb0) * Lo::kCodes;
       const float* xt_chunk = xt.get() + sb0 * Lo::kCodes * mp;
       for (int64_t p = pb; p < pe; ++p) {
-        decode_panel<V, kBits>(w, reader, lanes, p * R, sb0, sb1, panel.get());
+        decode_panel<V, kBits>(w, reader, lanes, row_scales, p * R, sb0, sb1, panel.get());
         float* c = yt.get() + p * R * mp;
         int64_t m0 = 0;
         for (; m0 + 2 * L <= mp; m0 += 2 * L) {
