@@ -22,12 +22,16 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lowbit import ops, reference
+# Benchmark the checkout this script belongs to, even if another lowbit is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowbit import ops, reference  # noqa: E402
 
 DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "576x576", "1536x576", "576x1536"]
 
