@@ -212,12 +212,17 @@ def linear(x, packed, scales, zeros, bits: int, group_size: int, bias=None) -> t
 
 
 def cpu_isa() -> str:
-    """The CPU kernel variant in use: 'scalar', 'avx2' or 'avx512'."""
+    """The CPU kernel variant in use: 'scalar', 'avx2', 'avx512' or 'avx512emu'.
+
+    'avx512emu' runs the 16-lane algorithm of the AVX-512 kernels on pairs of
+    AVX2 registers; it exists to test that algorithm on CPUs without AVX-512
+    and is used only when forced (LOWBIT_CPU_ISA or set_cpu_isa).
+    """
     return _C.cpu_isa()
 
 
 def supported_cpu_isas() -> list[str]:
-    """CPU kernel variants that this build and this CPU can run, slowest first."""
+    """CPU kernel variants that this build and this CPU can run (see cpu_isa)."""
     return list(_C.supported_cpu_isas())
 
 

@@ -121,6 +121,26 @@ def test_linear_non_contiguous_and_batched_inputs(isa, bits, layout):
     assert rel_err(y, reference.linear(x, packed, scales, zeros, bits, g)) < 1e-5
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("shape", [(1536, 576), (577, 1536), (63, 96)], ids=str)
+def test_linear_at_model_shapes(isa, bits, m, shape):
+    """SmolLM2-135M's in_features 576 and 1536 (not multiples of the vector
+    kernels' super-blocks) and a tiny one, through the GEMV and the GEMM."""
+    n, k = shape
+    g = 32 if k == 96 else 64
+    _, packed, scales, zeros = random_quant_weight(n, k, bits, g, torch.float16)
+    x = torch.randn(m, k)
+    y = ops.linear(x, packed, scales, zeros, bits, g)
+    assert rel_err(y, reference.linear(x, packed, scales, zeros, bits, g)) < 1e-5
+
+
+def test_every_vector_variant_is_tested_here():
+    """The 16-lane logic of the AVX-512 kernels runs (emulated) wherever AVX2 does."""
+    if "avx2" in ISAS:
+        assert "avx512emu" in ISAS
+
+
 def test_linear_of_an_empty_batch():
     _, packed, scales, zeros = random_quant_weight(5, 64, 2, 32)
     y = ops.linear(torch.randn(0, 64), packed, scales, zeros, 2, 32)

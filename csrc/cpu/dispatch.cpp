@@ -27,6 +27,7 @@ bool cpu_has(Isa isa) {
     case Isa::kAvx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
+    case Isa::kAvx512Emulated: return cpu_has(Isa::kAvx2);
 #endif
 #if defined(LOWBIT_HAVE_AVX512)
     case Isa::kAvx512:
@@ -52,17 +53,20 @@ std::atomic<int32_t>& active_isa_slot() {
   return slot;
 }
 
-LinearRowsFn linear_rows_for(Isa isa) {
+LinearFn linear_for(Isa isa) {
   switch (isa) {
 #if defined(LOWBIT_HAVE_AVX512)
-    case Isa::kAvx512: return avx512::linear_rows;
+    case Isa::kAvx512: return avx512::linear;
 #endif
 #if defined(LOWBIT_HAVE_AVX2)
-    case Isa::kAvx2: return avx2::linear_rows;
+    case Isa::kAvx2: return avx2::linear;
+    case Isa::kAvx512Emulated: return avx2::linear_emulated16;
 #endif
-    default: return scalar::linear_rows;
+    default: return scalar::linear;
   }
 }
+
+constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Emulated};
 
 }  // namespace
 
@@ -70,12 +74,13 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Emulated: return "avx512emu";
     default: return "scalar";
   }
 }
 
 bool parse_isa(const char* name, Isa* out) {
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : kAllIsas) {
     if (std::strcmp(name, isa_name(isa)) == 0) {
       *out = isa;
       return true;
@@ -137,38 +142,35 @@ void dequantize(const QuantMatrix& w, void* out, DType out_dtype, const Parallel
 void linear(const QuantMatrix& w, const Activations& x, const void* bias, DType bias_dtype,
             void* y, DType y_dtype, const Parallel& par) {
   const int64_t k = w.k;
-  const int64_t groups = w.groups();
-  std::vector<float> xf(static_cast<size_t>(x.m * k));
-  std::vector<float> xsum(static_cast<size_t>(x.m * groups));
-  for_range(par, x.m, 4, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const int64_t src = m * x.stride;
-      for (int64_t i = 0; i < k; ++i) xf[m * k + i] = load_as_float(x.data, x.dtype, src + i);
-      for (int64_t g = 0; g < groups; ++g) {
-        float s = 0.0f;
-        for (int64_t i = g * w.group_size; i < (g + 1) * w.group_size; ++i) s += xf[m * k + i];
-        xsum[m * groups + g] = s;
+  // The variants read fp32 activations: use x in place when it already is.
+  std::vector<float> x_f32;
+  const float* xf = static_cast<const float*>(x.data);
+  int64_t x_stride = x.stride;
+  if (x.dtype != DType::kF32) {
+    x_f32.resize(static_cast<size_t>(x.m * k));
+    for_range(par, x.m, 4, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        for (int64_t i = 0; i < k; ++i) x_f32[m * k + i] = load_as_float(x.data, x.dtype, m * x.stride + i);
       }
-    }
-  });
+    });
+    xf = x_f32.data();
+    x_stride = k;
+  }
 
-  // The kernels write fp32; write straight into y when it is fp32 already.
+  // The variants write fp32; write straight into y when it is fp32 already.
   std::vector<float> y_f32;
   float* yf = static_cast<float*>(y);
   if (y_dtype != DType::kF32) {
     y_f32.resize(static_cast<size_t>(x.m * w.n));
     yf = y_f32.data();
   }
-  const PreparedX px{xf.data(), xsum.data(), x.m};
-  const LinearRowsFn rows = linear_rows_for(active_isa());
-  for_range(par, w.n, kRowsPerTask, [&](int64_t b, int64_t e) {
-    rows(w, px, b, e, yf);
-    for (int64_t m = 0; m < x.m; ++m) {
-      for (int64_t n = b; n < e; ++n) {
-        float v = yf[m * w.n + n];
-        if (bias) v += load_as_float(bias, bias_dtype, n);
-        store_from_float(y, y_dtype, m * w.n + n, v);
-      }
+  linear_for(active_isa())(w, xf, x.m, x_stride, yf, par);
+  if (bias == nullptr && y_dtype == DType::kF32) return;
+  for_range(par, x.m * w.n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float v = yf[i];
+      if (bias) v += load_as_float(bias, bias_dtype, i % w.n);
+      store_from_float(y, y_dtype, i, v);
     }
   });
 }

@@ -107,7 +107,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
 cpu::Isa isa_from_name(const std::string& name) {
   cpu::Isa isa;
   TORCH_CHECK_VALUE(cpu::parse_isa(name.c_str(), &isa), "lowbit: unknown CPU ISA '", name,
-                    "'; choose scalar, avx2 or avx512");
+                    "'; choose scalar, avx2, avx512 or avx512emu");
   return isa;
 }
 
@@ -144,12 +144,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         TORCH_CHECK_VALUE(lowbit::cpu::set_active_isa(isa), "lowbit: this CPU or build cannot run the '",
                           name, "' kernels");
       },
-      "Forces a CPU kernel variant: 'scalar', 'avx2' or 'avx512'.");
+      "Forces a CPU kernel variant: 'scalar', 'avx2', 'avx512' or 'avx512emu'.");
   m.def(
       "supported_cpu_isas",
       [] {
         std::vector<std::string> names;
-        for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+        for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Emulated}) {
           if (lowbit::cpu::isa_supported(isa)) names.emplace_back(lowbit::cpu::isa_name(isa));
         }
         return names;

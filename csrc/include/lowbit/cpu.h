@@ -9,11 +9,14 @@
 namespace lowbit {
 namespace cpu {
 
-// Instruction sets with a kernel variant, in increasing order of preference.
-enum class Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// Kernel variants. scalar < avx2 < avx512 in order of preference;
+// avx512emu runs the 16-lane algorithm of the avx512 variant on pairs of AVX2
+// registers, so that CPUs without AVX-512 can test it. It is never chosen
+// automatically, only when forced.
+enum class Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Emulated = 3 };
 
 const char* isa_name(Isa isa);
-// Parses "scalar", "avx2" or "avx512"; returns false for anything else.
+// Parses "scalar", "avx2", "avx512" or "avx512emu"; returns false for anything else.
 bool parse_isa(const char* name, Isa* out);
 // The best variant this CPU (and this build) can run.
 Isa best_supported_isa();
