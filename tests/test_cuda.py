@@ -98,8 +98,9 @@ def test_linear_matches_reference(x_dtype, bits, group_kind, m, k):
 )
 @pytest.mark.parametrize("bits", BITS)
 def test_every_kernel_matches_reference(path, m, bits):
-    """Each kernel forced at row counts around its tiles, with K not a multiple of
-    the 256-code span or the 64-code step (and, for 2 bits, rows not 16-byte aligned)."""
+    """Each kernel forced at row counts around its tiles, with a random K: mostly not
+    a multiple of the GEMV's 256-code span or the GEMM's 64-code step, and (2 bits,
+    K an odd multiple of 32) with rows that are not 16-byte aligned."""
     group_kind = random_group_kind()
     g = {"g32": 32, "g64": 64, "g128": 128}.get(group_kind, 32)
     k = g * random_int(1, 2048 // g)
