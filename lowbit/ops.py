@@ -242,6 +242,37 @@ def use_cpu_isa(name: str) -> Iterator[None]:
         set_cpu_isa(previous)
 
 
+# --- CUDA linear kernel ------------------------------------------------------------------
+
+CUDA_LINEAR_PATHS = ("gemv", "gemm", "dequant_matmul")
+
+
+def cuda_linear_path(rows: int, x_dtype: torch.dtype = torch.float16) -> str:
+    """The CUDA kernel `linear` runs for `rows` rows of x (all leading dimensions
+    flattened): 'gemv' (fused dequantize-GEMV, few rows), 'gemm' (fused
+    tensor-core GEMM) or 'dequant_matmul' (dequantize the weight, then cuBLAS;
+    always taken by float32 activations)."""
+    return _C.cuda_linear_path(rows, x_dtype)
+
+
+def set_cuda_linear_path(name: str) -> None:
+    """Forces one CUDA linear kernel for the whole process ('auto' restores the
+    automatic choice). For tests and benchmarks; float32 activations keep
+    'dequant_matmul', and 'gemv' refuses more than 16 rows."""
+    _C.set_cuda_linear_path(name)
+
+
+@contextlib.contextmanager
+def use_cuda_linear_path(name: str) -> Iterator[None]:
+    """Runs a block with the CUDA linear kernel `name`, then restores the previous choice."""
+    previous = _C.forced_cuda_linear_path()
+    set_cuda_linear_path(name)
+    try:
+        yield
+    finally:
+        set_cuda_linear_path(previous)
+
+
 def _apply_isa_from_environment() -> None:
     forced = os.environ.get("LOWBIT_CPU_ISA", "").strip()
     if forced and forced not in supported_cpu_isas():

@@ -22,3 +22,24 @@ def _seed_each_test(request):
     """Seeds torch per test from the run seed and the test id: fresh data each run,
     independent of test order, reproducible from the printed seed."""
     torch.manual_seed(RUN_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+def _cuda_unavailable_reason():
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU"
+    from lowbit import _C
+
+    if not _C.built_with_cuda():
+        return "lowbit was built without its CUDA kernels (LOWBIT_CUDA=0)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped where there is no GPU or no CUDA build."""
+    reason = _cuda_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "linear_path.h"
 #include "lowbit/cpu.h"
 
 namespace lowbit {
@@ -155,6 +156,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return names;
       },
       "CPU kernel variants that this build and CPU can run.");
+  m.def(
+      "cuda_linear_path",
+      [](int64_t rows, at::ScalarType dtype) {
+        TORCH_CHECK_TYPE(lowbit::binding::is_float_dtype(dtype),
+                         "lowbit: x must be float32, float16 or bfloat16, got ", dtype);
+        TORCH_CHECK_VALUE(rows >= 0, "lowbit: the number of rows must be >= 0, got ", rows);
+        const auto path = lowbit::binding::linear_path_for(rows, lowbit::binding::to_dtype(dtype));
+        return std::string(lowbit::cuda::linear_path_name(path));
+      },
+      "The CUDA kernel that linear runs for `rows` rows of x of `dtype`.");
+  m.def(
+      "set_cuda_linear_path",
+      [](const std::string& name) {
+        const auto path = lowbit::binding::parse_linear_path_or_throw(name);
+        lowbit::binding::forced_linear_path_slot().store(static_cast<int32_t>(path));
+      },
+      "Forces the CUDA linear kernel ('auto' restores the automatic choice).");
+  m.def(
+      "forced_cuda_linear_path",
+      [] { return std::string(lowbit::cuda::linear_path_name(lowbit::binding::forced_linear_path())); },
+      "The forced CUDA linear kernel, or 'auto'.");
   m.def("built_with_cuda", [] {
 #if defined(LOWBIT_WITH_CUDA)
     return true;
