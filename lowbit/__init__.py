@@ -1,9 +1,25 @@
 """lowbit: 2- and 3-bit weight quantization for PyTorch language models."""
 
 from lowbit import ops
+from lowbit.calibrate import BlockLog, CalibrationReport, quantize
+from lowbit.config import QuantConfig
 from lowbit.convert import ConversionReport, quantize_rtn
+from lowbit.evaluate import dense_weights, perplexity
+from lowbit.losses import sliced_wasserstein
 from lowbit.nn import QuantLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["ConversionReport", "QuantLinear", "ops", "quantize_rtn"]
+__all__ = [
+    "BlockLog",
+    "CalibrationReport",
+    "ConversionReport",
+    "QuantConfig",
+    "QuantLinear",
+    "dense_weights",
+    "ops",
+    "perplexity",
+    "quantize",
+    "quantize_rtn",
+    "sliced_wasserstein",
+]
