@@ -91,7 +91,12 @@ class Method:
     def setup(self, layers: dict[str, tuple[nn.Module, LayerSpec]]) -> dict[str, nn.Module]:
         """Wraps every layer to quantize (local name -> (layer, spec)); returns the stand-ins."""
         self.specs = {local: spec for local, (_, spec) in layers.items()}
-        self.wrappers = {local: self.wrap(layer, spec) for local, (layer, spec) in layers.items()}
+        self.wrappers = {}
+        for local, (layer, spec) in layers.items():
+            try:
+                self.wrappers[local] = self.wrap(layer, spec)
+            except ValueError as exc:
+                raise ValueError(f"{spec.name}: {exc}") from exc
         return self.wrappers
 
     # --- to implement ------------------------------------------------------------------

@@ -16,7 +16,8 @@ learn through s. Two choices differ from OmniQuant's code and make the export ex
   [0, 2^b - 1] and the layer exports losslessly to GPTQ-style integer zeros; only a
   group whose weights all share one sign is affected;
 - s is rounded to the storage dtype (fp16 by default) in the forward pass (straight
-  through backward), so the weights trained here are exactly those exported.
+  through backward), and so is the bias, so the layer trained here computes exactly
+  what the exported QuantLinear computes.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class ClippedLinear(nn.Module):
             p.requires_grad_(False)
         self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
         w = self.grouped_weight()
+        quantizer.check_finite(w, "weight")
         # Derived from the frozen weight, so not part of the learned (checkpointed) state.
         self.register_buffer("wmax", w.amax(-1, keepdim=True).clamp(min=0), persistent=False)
         self.register_buffer("wmin", w.amin(-1, keepdim=True).clamp(max=0), persistent=False)
@@ -121,7 +123,9 @@ class ClippedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.linear.bias
-        return F.linear(x, self.fake_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if bias is not None:  # QuantLinear stores the bias in the scales' dtype
+            bias = bias.detach().to(self.scale_dtype).to(x.dtype)
+        return F.linear(x, self.fake_weight().to(x.dtype), bias)
 
     @torch.no_grad()
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
