@@ -31,7 +31,11 @@ def calibration_windows(
 ) -> torch.Tensor:
     """`nsamples` windows of `seqlen` consecutive tokens starting at random positions of
     the token stream (GPTQ/OmniQuant style), LongTensor[nsamples, seqlen]."""
-    stream = token_stream(tokenizer, texts)
+    return sample_windows(token_stream(tokenizer, texts), nsamples, seqlen, seed)
+
+
+def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at seeded random positions of a token stream."""
     if stream.numel() <= seqlen:
         raise ValueError(
             f"lowbit: the calibration text has {stream.numel()} tokens, fewer than one "

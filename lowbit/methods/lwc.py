@@ -138,12 +138,14 @@ class ClippedLinear(nn.Module):
         return codes, scales, zeros
 
     def to_quant_linear(self) -> QuantLinear:
+        """The exported layer, on the device of the original one (packed on the CPU)."""
         codes, scales, zeros = self.quantized()
         bias = self.linear.bias
-        return QuantLinear.from_quantized(
-            codes, scales, zeros, None if bias is None else bias.detach(),
+        layer = QuantLinear.from_quantized(
+            codes.cpu(), scales.cpu(), zeros.cpu(), None if bias is None else bias.detach().cpu(),
             bits=self.bits, group_size=self.group_size,
         )
+        return layer.to(codes.device)
 
     def clip_parameters(self) -> list[nn.Parameter]:
         return [self.upper, self.lower]
