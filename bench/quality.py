@@ -21,7 +21,6 @@ the two agree); the default is `packed`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import statistics
@@ -54,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=4, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--epochs", type=int, default=2, help="epochs per block")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate of the clipping logits")
+    p.add_argument("--lr", type=float, default=0.5,
+                   help="learning rate of the clip logits (high: the budget is 8 steps per block)")
     p.add_argument("--aug-loss", choices=("default", "on", "off"), default="default",
                    help="second target (default: the method's, on at 2 bits)")
     p.add_argument("--sw-weight", type=float, default=0.1, help="w of the omniquant-sw variant")

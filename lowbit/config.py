@@ -27,13 +27,14 @@ class QuantConfig:
                         in_features; None or -1: one group per row).
       scale_dtype       "float16", "bfloat16" or "float32"; None: bfloat16 for bf16
                         models, float16 otherwise.
-      skip              name patterns (exact, dotted suffix or full regex) of linear
-                        layers kept in full precision; `lm_head` by default (its weight
-                        is usually tied to the input embedding).
       overrides         per-layer settings, `{pattern: {"bits": b, "group_size": g}}`
                         (either key may be left out) or `{pattern: None}` to keep the
-                        layer in full precision. The first matching pattern wins; see
-                        `layer_settings`.
+                        layer in full precision (also accepted as a list of
+                        (pattern, setting) pairs). The first matching pattern wins.
+      skip              name patterns of linear layers kept in full precision unless an
+                        override names them; `lm_head` by default (its weight is usually
+                        tied to the input embedding). Patterns match a full name, its
+                        last dotted components, or the whole name as a regex.
 
     Method
       method            "rtn" (round-to-nearest, min-max; no data) or "omniquant"
@@ -98,6 +99,8 @@ class QuantConfig:
 
     def __post_init__(self):
         self.skip = tuple(self.skip)
+        if not isinstance(self.overrides, dict):  # (pattern, setting) pairs, order kept
+            self.overrides = {pattern: setting for pattern, setting in self.overrides}
         ops.check_bits(self.bits)
         _check_group_size_value(self.group_size)
         if not 0.0 <= self.sw_weight <= 1.0:
@@ -120,15 +123,16 @@ class QuantConfig:
 
     def layer_settings(self, name: str) -> tuple[int, int | None] | None:
         """(bits, group_size) for the linear layer `name`, or None to keep it in full
-        precision. `skip` wins, then the first matching `overrides` pattern, then the
-        global bits and group_size."""
-        if any(name_matches(name, p) for p in self.skip):
-            return None
+        precision: the first matching `overrides` pattern decides; otherwise a layer
+        matching `skip` stays in full precision; otherwise the global bits and group
+        size apply (so an override opts a skipped layer such as lm_head in)."""
         for pattern, setting in self.overrides.items():
             if name_matches(name, pattern):
                 if setting is None:
                     return None
                 return setting.get("bits", self.bits), setting.get("group_size", self.group_size)
+        if any(name_matches(name, p) for p in self.skip):
+            return None
         return self.bits, self.group_size
 
     # --- method defaults ---------------------------------------------------------------

@@ -17,6 +17,12 @@ def test_json_round_trip_keeps_every_field():
     assert json.loads(cfg.to_json())["skip"] == ["lm_head", "gate"]
 
 
+def test_overrides_may_be_given_as_ordered_pairs():
+    cfg = QuantConfig(overrides=[["down_proj", {"bits": 2}], ["mlp.down_proj", None]])
+    assert list(cfg.overrides) == ["down_proj", "mlp.down_proj"]
+    assert cfg.layer_settings("model.layers.0.mlp.down_proj") == (2, 64)
+
+
 def test_unknown_fields_are_refused():
     with pytest.raises(ValueError, match=r"unknown QuantConfig fields \['bitz'\]"):
         QuantConfig.from_dict({"bitz": 3})
@@ -39,14 +45,17 @@ def test_bad_values_are_refused(kw, match):
         QuantConfig(**kw)
 
 
-def test_layer_settings_skip_then_first_override_then_default():
-    cfg = QuantConfig(bits=3, group_size=64, skip=("lm_head",), overrides={
+def test_layer_settings_first_override_then_skip_then_default():
+    cfg = QuantConfig(bits=3, group_size=64, skip=("lm_head", "o_proj"), overrides={
         r"model\.layers\.0\..*": None,
         "down_proj": {"bits": 2},
         "mlp.down_proj": {"bits": 4},  # never reached: the pattern above matches first
         "q_proj": {"group_size": -1},
+        "model.layers.1.self_attn.o_proj": {"bits": 4},  # opts a skipped layer in
     })
     assert cfg.layer_settings("lm_head") is None
+    assert cfg.layer_settings("model.layers.2.self_attn.o_proj") is None
+    assert cfg.layer_settings("model.layers.1.self_attn.o_proj") == (4, 64)
     assert cfg.layer_settings("model.layers.0.mlp.down_proj") is None
     assert cfg.layer_settings("model.layers.3.mlp.down_proj") == (2, 64)
     assert cfg.layer_settings("model.layers.3.self_attn.q_proj") == (3, -1)

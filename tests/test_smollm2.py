@@ -55,9 +55,11 @@ def test_omniquant_beats_rtn_by_a_wide_margin_at_3_bits(smollm2):
         rtn_ppl = token_perplexity(rtn, wiki, 512, 4, progress=False)
 
     model, _ = assets.load_model()
-    tokens = sample_windows(smollm2["calibration"], 2, 512, seed=0)
-    config = lowbit.QuantConfig(bits=3, group_size=64, epochs=4, lr={"clip": 0.2}, progress=False)
+    tokens = sample_windows(smollm2["calibration"], 4, 512, seed=0)  # the budget of BENCHMARKS.md
+    config = lowbit.QuantConfig(bits=3, group_size=64, epochs=2, lr={"clip": 0.5}, progress=False)
     report = lowbit.quantize(model, config, tokens)
+    assert len(report.quantized) == 210
+    assert sum(isinstance(m, lowbit.QuantLinear) for m in model.modules()) == 210
     improved = sum(b.loss_after["mse"] < b.loss_before["mse"] for b in report.blocks)
     assert improved >= 27, str(report)
     with dense_weights(model):

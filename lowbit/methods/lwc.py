@@ -50,13 +50,15 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, s, z, maxq):
+        # In place where possible: these passes over the weight run at every step.
         x = w / s
-        r = torch.round(x)
-        shifted = r + z
-        q = shifted.clamp(0, maxq)
-        inside = (shifted > 0) & (shifted < maxq)
-        ctx.save_for_backward(torch.where(inside, r - x, q - z))
-        return (q - z).mul_(s)
+        q = torch.round(x)
+        coefficient = x.neg_().add_(q)          # round(w / s) - w / s
+        q.add_(z)                               # the unclamped code
+        inside = (q > 0) & (q < maxq)
+        q.clamp_(0, maxq).sub_(z)               # q - z
+        ctx.save_for_backward(torch.where(inside, coefficient, q))
+        return q.mul_(s)
 
     @staticmethod
     def backward(ctx, grad):
