@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-weights", choices=("packed", "dense"), default="packed",
                    help="evaluate through QuantLinear (packed) or dense dequantized weights")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--output", default=str(ROOT / "bench" / "results" / "quality.md"))
+    p.add_argument("--output", default=None, help="also write the markdown table here")
     p.add_argument("--json", default=None, help="also write every number and block log here")
     return p.parse_args(argv)
 
@@ -120,6 +120,7 @@ def quant_config(method: str, bits: int, group_size: int, seed: int, args) -> lo
 
 
 def run(args) -> dict:
+    started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = [s for s in args.settings.split(",") if s]
@@ -162,7 +163,8 @@ def run(args) -> dict:
                     seconds = time.perf_counter() - started
                 record(setting, method, seed, evaluate(model, streams, args), seconds, memory.peak, report)
                 del model
-    return {"args": vars(args), "model": str(model_dir), "results": results, "meta": metadata(args)}
+    meta = {**metadata(args), "wall_s": time.perf_counter() - started}
+    return {"args": vars(args), "model": str(model_dir), "results": results, "meta": meta}
 
 
 def metadata(args) -> dict:
@@ -215,7 +217,7 @@ def table(run_result: dict) -> str:
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, {meta['threads']} threads, "
-        f"CPU kernel {meta['cpu_isa']}, evaluation through "
+        f"CPU kernel {meta['cpu_isa']}, whole run {meta['wall_s'] / 60:.1f} min, evaluation through "
         + ("QuantLinear (packed kernels)" if args["eval_weights"] == "packed" else "dense dequantized weights")
         + ".  ",
         f"Calibration: {args['nsamples']} windows x {args['seqlen']} tokens of SOTU speeches before 2000, "
@@ -271,9 +273,10 @@ def main(argv=None):
     result = run(args)
     text = table(result)
     print(text)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
 
