@@ -353,6 +353,13 @@ def test_finished_checkpoints_rebuild_the_model(tmp_path):
     assert all(b.resumed for b in report.blocks)
     for k, v in first.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+    # The same checkpoints also rebuild the fake-quantized model.
+    fake = tiny_model("llama")
+    lowbit.quantize(fake, cfg, tokens, export=False)
+    assert isinstance(fake.model.layers[0].mlp.up_proj, ClippedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(fake(input_ids=tokens).logits, first(input_ids=tokens).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_mismatched_checkpoints_are_refused(tmp_path):
