@@ -7,6 +7,7 @@ from lowbit.convert import ConversionReport, quantize_rtn
 from lowbit.evaluate import dense_weights, perplexity
 from lowbit.losses import sliced_wasserstein
 from lowbit.nn import QuantLinear
+from lowbit.saliency import compute_saliency
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "ConversionReport",
     "QuantConfig",
     "QuantLinear",
+    "compute_saliency",
     "dense_weights",
     "ops",
     "perplexity",

@@ -134,7 +134,8 @@ def quantize(
         if method_cls.needs_data:
             tokens = _calibration_tokens(calibration, tokenizer, config, model)
             config = dataclasses.replace(config, nsamples=tokens.shape[0], seqlen=tokens.shape[1])
-            logs = _Run(model, prefix, blocks, plan, config, method_cls, device, export).calibrate(tokens)
+            with method_cls.prepare(model, tokens, config) as run_config:
+                logs = _Run(model, prefix, blocks, plan, run_config, method_cls, device, export).calibrate(tokens)
         else:
             logs = _convert_without_data(prefix, blocks, plan, config, method_cls, device)
         for name, spec in outside.items():

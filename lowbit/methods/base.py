@@ -15,8 +15,9 @@ A new method subclasses `Method`, sets `name`, and registers itself with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,6 +79,14 @@ class Method:
     def defaults(cls, config) -> dict[str, Any]:
         """Default nsamples, seqlen, epochs, aug_loss, lr and weight_decay for `config`."""
         raise NotImplementedError
+
+    @classmethod
+    @contextlib.contextmanager
+    def prepare(cls, model: nn.Module, tokens: torch.Tensor, config) -> Iterator[Any]:
+        """Run-level setup: entered once before the first block, with the full-precision
+        model and the calibration tokens [nsamples, seqlen]; yields the config that the
+        blocks run with (e.g. naming data computed here) and cleans up when the run ends."""
+        yield config
 
     def __init__(self, config, block_index: int, num_blocks: int):
         self.config = config
