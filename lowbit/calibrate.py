@@ -408,10 +408,12 @@ class _Run:
                 count = 0
                 for step in range(steps):
                     idx = next(stream)
-                    with self._autocast():
-                        pred = run_block(block, inputs[idx].to(self.device), call)
+                    pred = None  # a stage whose loss ignores the block output skips the forward pass
+                    if stage.needs_output:
+                        with self._autocast():
+                            pred = run_block(block, inputs[idx].to(self.device), call).float()
                     batch_targets = [t[idx].to(self.device) for t in targets]
-                    loss, terms = method.loss(pred.float(), batch_targets, stage)
+                    loss, terms = method.loss(pred, batch_targets, stage)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

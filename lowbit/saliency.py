@@ -41,7 +41,11 @@ from lowbit.convert import linear_layers
 from lowbit.data import calibration_windows, check_tokens
 from lowbit.nn import linear_weight
 from lowbit.resume import (
-    CheckpointMismatchError, CorruptCheckpointError, _write_atomic, model_digest, tensor_digest,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    _write_atomic,
+    model_digest,
+    tensor_digest,
 )
 
 FORMAT = 1

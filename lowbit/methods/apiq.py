@@ -192,7 +192,7 @@ class ApiQ(Method):
         reg = {"wpt": lam, "mixedt": lam, "opt": 0.0}
         output = {"wpt": False, "mixedt": True, "opt": True}
         return [
-            Stage(name, self._groups(name), epochs=epochs, options={"output": output[name], "reg": reg[name]})
+            Stage(name, self._groups(name), epochs=epochs, options={"reg": reg[name]}, needs_output=output[name])
             for name, epochs in self.stage_epochs().items()
             if epochs
         ]
@@ -210,7 +210,7 @@ class ApiQ(Method):
 
     def loss(self, pred, targets, stage):
         total, terms = 0.0, {}
-        if stage.options.get("output", True):
+        if stage.needs_output:
             total, terms = super().loss(pred, targets, stage)
         if stage.options.get("reg", 0.0):
             r = self.regularizer()

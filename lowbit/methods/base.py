@@ -53,7 +53,9 @@ class Stage:
     "weight_decay": ...}`); a fresh `optimizer` is built over them when the stage
     starts. Length: `epochs` passes over the calibration windows, or exactly
     `steps` optimiser steps when `steps` is set. `options` is free for the method
-    (e.g. loss weights that differ between stages).
+    (e.g. loss weights that differ between stages). `needs_output=False` marks a stage
+    whose loss depends on the weights alone: the engine then skips the block's forward
+    pass and gives `loss` pred=None.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Stage:
     steps: int | None = None
     optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = torch.optim.AdamW
     options: dict[str, Any] = field(default_factory=dict)
+    needs_output: bool = True
 
 
 class Method:

@@ -37,10 +37,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit import quantizer
 from lowbit.methods.base import LayerSpec, Method, Stage
 from lowbit.methods.lwc import ClippedLinear, cast_ste
-from lowbit.nn import QuantLinear, linear_weight
+from lowbit.nn import QuantLinear
 
 THRESHOLDS = (0.8, 0.65, 0.5, 0.43, 0.38, 0.34, 0.3, 0.27, 0.24, 0.21,
               0.18, 0.15, 0.12, 0.10, 0.08, 0.06, 0.04, 0.02, 0.01, 0.005)
