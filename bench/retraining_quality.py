@@ -81,19 +81,20 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1, help="apiq's weight decay (clip and lora)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--stages", default="wpt=1,opt=1", help="apiq-sal stage epochs")
+    p.add_argument("--stages", default="wpt=4,opt=2", help="apiq-sal stage epochs")
     p.add_argument("--reg-lambda", type=float, default=1.0)
     p.add_argument("--reg-variant", default="before_lora")
-    p.add_argument("--saliency-windows", type=int, default=32)
+    p.add_argument("--saliency-windows", type=int, default=16)
     p.add_argument("--saliency-seqlen", type=int, default=256)
     p.add_argument("--tq-lwc-epochs", type=int, default=1, help="tesseraq's clipping epochs")
     p.add_argument("--tq-thresholds", default="0.5,0.25,0.1,0.03")
-    p.add_argument("--tq-steps", type=int, default=4, help="steps per PAR stage")
+    p.add_argument("--tq-steps", type=int, default=3, help="steps per PAR stage")
     p.add_argument("--tq-lr", type=float, default=5e-3, help="lr of the rounding variables and scale logits")
     p.add_argument("--sw-weight", type=float, default=0.1)
     p.add_argument("--sw-projections", type=int, default=128)
-    p.add_argument("--merge", default="", help="comma list of same,minmax: also evaluate merged apiq models")
-    p.add_argument("--eval-windows", type=int, default=4, help="windows per evaluation split")
+    p.add_argument("--merge", default="same,minmax", help="comma list of same,minmax: also evaluate merged apiq models")
+    p.add_argument("--merge-seeds", default="0", help="seeds whose apiq models are also evaluated merged")
+    p.add_argument("--eval-windows", type=int, default=3, help="windows per evaluation split")
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the parent")
     p.add_argument("--workers", type=int, default=2, help="processes sharing the quantized rows")
@@ -235,7 +236,7 @@ def run_worker(args) -> dict:
         report = lowbit.quantize(model, config, tokens)
         seconds = time.perf_counter() - started
         record(setting, row, seed, evaluate(model, streams, args), seconds, report)
-        if row == "apiq":
+        if row == "apiq" and str(seed) in args.merge_seeds.split(","):
             for grid in merges:
                 record(setting, f"apiq merged ({grid})", seed,
                        evaluate(merged_copy(copy.deepcopy(model), grid), streams, args))
@@ -299,6 +300,13 @@ def recovered(results, setting, split, base, improved, scale=lambda p: p) -> lis
     return [100 * (a[s] - b[s]) / (a[s] - fp) for s in sorted(a) if s in b]
 
 
+def order(result: dict) -> tuple:
+    """Table order: setting, then the row order of ROWS (merged models after apiq), then seed."""
+    names = ["fp", *ROWS[:3], "apiq merged (same)", "apiq merged (minmax)", *ROWS[3:], *EXTRA_ROWS]
+    setting = result["setting"]
+    return (setting != "-", setting, names.index(result["row"]), -1 if result["seed"] is None else result["seed"])
+
+
 def table(run_result: dict) -> str:
     results, args, meta, extra = run_result["results"], run_result["args"], run_result["meta"], run_result["extra"]
     lines = [
@@ -322,6 +330,7 @@ def table(run_result: dict) -> str:
         "| setting | method | wiki PPL | sotu PPL | calibration (s) |",
         "|---|---|---|---|---|",
     ]
+    results = sorted(results, key=order)
     keys = list(dict.fromkeys((r["setting"], r["row"]) for r in results))
     for setting, row in keys:
         rs = [r for r in results if r["setting"] == setting and r["row"] == row]

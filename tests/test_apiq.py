@@ -178,3 +178,18 @@ def test_block_regularizer_grows_where_saliency_meets_the_error():
     off_error = torch.ones_like(w) + 50 * (relative <= relative.median()).float()
     assert r_with(off_error) < uniform
     assert 0 < uniform < 1
+
+
+def test_weight_only_stages_skip_the_block_forward_pass():
+    """wpt's loss depends on the weights alone: its steps run no block forward pass."""
+
+    def block_calls(stage_epochs):
+        model = tiny_llama(layers=1)
+        calls = []
+        decoder_blocks(model)[1][0].register_forward_hook(lambda *_: calls.append(1))
+        lowbit.quantize(model, config(saliency=True, stage_epochs=stage_epochs), random_tokens())
+        return len(calls)
+
+    untrained = block_calls({"wpt": 0, "mixedt": 0, "opt": 0})
+    assert block_calls({"wpt": 3, "mixedt": 0, "opt": 0}) == untrained
+    assert block_calls({"wpt": 0, "mixedt": 0, "opt": 1}) == untrained + 8  # one epoch of 8 windows
