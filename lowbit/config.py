@@ -161,11 +161,10 @@ class QuantConfig:
             t = self.rounding_thresholds
             if not all(0.0 < x < 1.0 for x in t) or any(a <= b for a, b in zip(t, t[1:])):
                 raise ValueError(f"lowbit: rounding_thresholds must decrease within (0, 1), got {list(t)}")
-        for name in ("lora_rank", "rounding_steps"):
+        for name, least in (("lora_rank", 1), ("rounding_steps", 0)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < (1 if name == "lora_rank" else 0)):
-                raise ValueError(f"lowbit: {name} must be a {'positive' if name == 'lora_rank' else 'non-negative'} "
-                                 f"integer, got {value!r}")
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ValueError(f"lowbit: {name} must be an integer >= {least}, got {value!r}")
         for name in ("reg_lambda", "reg_growth"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and value != float("inf")):
