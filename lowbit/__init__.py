@@ -9,6 +9,7 @@ from lowbit.losses import sliced_wasserstein
 from lowbit.nn import QuantLinear
 from lowbit.overrides import resolve_scheme
 from lowbit.permuted import PermutedQuantLinear
+from lowbit.saliency import compute_saliency
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "checkpoint_info",
     "CheckpointError",
     "ConversionReport",
+    "compute_saliency",
     "dense_weights",
     "export_gptq",
     "load_gptq",

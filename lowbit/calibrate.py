@@ -134,7 +134,8 @@ def quantize(
         if method_cls.needs_data:
             tokens = _calibration_tokens(calibration, tokenizer, config, model)
             config = dataclasses.replace(config, nsamples=tokens.shape[0], seqlen=tokens.shape[1])
-            logs = _Run(model, prefix, blocks, plan, config, method_cls, device, export).calibrate(tokens)
+            with method_cls.prepare(model, tokens, config) as run_config:
+                logs = _Run(model, prefix, blocks, plan, run_config, method_cls, device, export).calibrate(tokens)
         else:
             logs = _convert_without_data(prefix, blocks, plan, config, method_cls, device)
         for name, spec in outside.items():
@@ -407,10 +408,12 @@ class _Run:
                 count = 0
                 for step in range(steps):
                     idx = next(stream)
-                    with self._autocast():
-                        pred = run_block(block, inputs[idx].to(self.device), call)
+                    pred = None  # a stage whose loss ignores the block output skips the forward pass
+                    if stage.needs_output:
+                        with self._autocast():
+                            pred = run_block(block, inputs[idx].to(self.device), call).float()
                     batch_targets = [t[idx].to(self.device) for t in targets]
-                    loss, terms = method.loss(pred.float(), batch_targets, stage)
+                    loss, terms = method.loss(pred, batch_targets, stage)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

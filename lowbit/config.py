@@ -15,6 +15,14 @@ from lowbit.convert import name_matches
 _NOT_IN_FINGERPRINT = ("cache_dir", "progress")
 # Fields a method fills in when they are left at None (see `QuantConfig.resolved`).
 METHOD_DEFAULTED = ("nsamples", "seqlen", "epochs", "aug_loss")
+# The same for the settings of particular methods (apiq, tesseraq); left at None
+# for the methods whose defaults do not name them.
+METHOD_SPECIFIC = (
+    "lora_rank", "lora_alpha", "reg_lambda", "reg_variant", "reg_growth",
+    "rounding_thresholds", "rounding_steps", "rounding_init",
+)
+REG_VARIANTS = ("before_lora", "after_lora")
+ROUNDING_INITS = ("omniquant", "minmax")
 
 
 @dataclass
@@ -65,6 +73,26 @@ class QuantConfig:
                  AdamW lr {"clip": 1e-2}, weight_decay {"clip": 0}, aug_loss at 2 bits
                  only. This takes hours on a CPU; see BENCHMARKS.md for small budgets.
 
+    Partial retraining (apiq) and adaptive rounding (tesseraq); None: the method's default
+      lora_rank, lora_alpha  apiq's low-rank adapters, scale alpha / rank (64, 16).
+      saliency          apiq's saliency regularizer: False (off), True (computed from
+                        the calibration windows, under cache_dir if set) or the
+                        directory written by `lowbit.compute_saliency`.
+      reg_lambda        lambda of the regularizer R (1.0; see lowbit.methods.apiq for
+                        the normalisation of R that makes it comparable across models).
+      reg_variant       "before_lora" (R on Q(W)) or "after_lora" (on Q(W) + scale B A).
+      reg_growth        m: block i uses lambda * m^i (1.0).
+      stage_epochs      epochs per training stage, e.g. {"wpt": 15, "mixedt": 0,
+                        "opt": 5} (apiq with saliency) or {"lwc": 2} (tesseraq's
+                        clipping init); missing stages take the method's default.
+      rounding_thresholds  tesseraq: the fraction of weights left soft after each
+                        hardening stage, decreasing in (0, 1).
+      rounding_steps    tesseraq: optimiser steps per hardening stage (250).
+      rounding_init     tesseraq: "omniquant" (learn the clipping first, stage "lwc")
+                        or "minmax".
+      lr and weight_decay also take "<stage>.<group>" keys (e.g. "wpt.clip") that
+      override a group's value in one stage.
+
     Execution
       device            "cpu", "cuda", "cuda:1", ...; None: CUDA when available. One
                         decoder block at a time lives there; activations stay on the CPU.
@@ -92,6 +120,16 @@ class QuantConfig:
     skip: tuple[str, ...] = ("lm_head",)
     overrides: dict[str, dict[str, int | None] | None] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    saliency: bool | str = False
+    reg_lambda: float | None = None
+    reg_variant: str | None = None
+    reg_growth: float | None = None
+    stage_epochs: dict[str, int] = field(default_factory=dict)
+    rounding_thresholds: tuple[float, ...] | None = None
+    rounding_steps: int | None = None
+    rounding_init: str | None = None
     device: str | None = None
     autocast: bool = True
     cache_dir: str | None = None
@@ -118,6 +156,31 @@ class QuantConfig:
             )
         for pattern, setting in self.overrides.items():
             _check_override(pattern, setting)
+        self._check_method_specific()
+
+    def _check_method_specific(self) -> None:
+        if self.rounding_thresholds is not None:
+            self.rounding_thresholds = tuple(float(t) for t in self.rounding_thresholds)
+            t = self.rounding_thresholds
+            if not all(0.0 < x < 1.0 for x in t) or any(a <= b for a, b in zip(t, t[1:])):
+                raise ValueError(f"lowbit: rounding_thresholds must decrease within (0, 1), got {list(t)}")
+        for name, least in (("lora_rank", 1), ("rounding_steps", 0)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ValueError(f"lowbit: {name} must be an integer >= {least}, got {value!r}")
+        for name in ("reg_lambda", "reg_growth"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and value != float("inf")):
+                raise ValueError(f"lowbit: {name} must be a finite number >= 0, got {value!r}")
+        if self.reg_variant not in (None, *REG_VARIANTS):
+            raise ValueError(f"lowbit: reg_variant must be one of {REG_VARIANTS}, got {self.reg_variant!r}")
+        if self.rounding_init not in (None, *ROUNDING_INITS):
+            raise ValueError(f"lowbit: rounding_init must be one of {ROUNDING_INITS}, got {self.rounding_init!r}")
+        if not isinstance(self.saliency, (bool, str)):
+            raise TypeError(f"lowbit: saliency must be True, False or a directory, got {self.saliency!r}")
+        for stage, epochs in self.stage_epochs.items():
+            if not isinstance(epochs, int) or epochs < 0:
+                raise ValueError(f"lowbit: stage_epochs[{stage!r}] must be an integer >= 0, got {epochs!r}")
 
     # --- per-layer settings ------------------------------------------------------------
 
@@ -139,10 +202,13 @@ class QuantConfig:
 
     def resolved(self, defaults: dict[str, Any]) -> QuantConfig:
         """A copy with the None fields and missing lr/weight_decay groups filled from a
-        method's `defaults` (which has the keys of METHOD_DEFAULTED, `lr` and `weight_decay`)."""
+        method's `defaults` (which has the keys of METHOD_DEFAULTED, `lr` and `weight_decay`,
+        and those of METHOD_SPECIFIC and `stage_epochs` that the method uses)."""
         changes = {k: defaults[k] for k in METHOD_DEFAULTED if getattr(self, k) is None}
+        changes.update({k: defaults[k] for k in METHOD_SPECIFIC if getattr(self, k) is None and k in defaults})
         changes["lr"] = {**defaults.get("lr", {}), **self.lr}
         changes["weight_decay"] = {**defaults.get("weight_decay", {}), **self.weight_decay}
+        changes["stage_epochs"] = {**defaults.get("stage_epochs", {}), **self.stage_epochs}
         return dataclasses.replace(self, **changes)
 
     # --- serialisation -----------------------------------------------------------------

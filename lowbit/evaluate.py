@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit import reference
 from lowbit.blocks import input_device
 from lowbit.convert import set_submodule
 from lowbit.data import token_stream
@@ -68,10 +67,9 @@ def token_perplexity(
 
 
 def dense_linear(layer: QuantLinear) -> nn.Linear:
-    """An nn.Linear holding the weights of a QuantLinear, s * (q - z) computed in fp32 by
-    the pure-torch reference (any device, no kernel needed)."""
-    weight = reference.dequantize(layer.packed, layer.scales.float(), layer.zeros.float(), layer.bits,
-                                  layer.group_size)
+    """An nn.Linear computing exactly the weights of a QuantLinear (dequantized in fp32,
+    its low-rank adapter folded in)."""
+    weight = layer.dense_weight()
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                       device=weight.device, dtype=torch.float32)
     with torch.no_grad():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lowbit import ops, quantizer
+from lowbit import ops, quantizer, reference
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -30,6 +33,14 @@ class QuantLinear(nn.Module):
     The weight is frozen: autograd reaches x (and a bias that requires grad),
     never the quantized weight. Inputs may be float32, float16 or bfloat16;
     the output has the input's dtype.
+
+    Optional low-rank adapter (`attach_adapter`, e.g. from `apiq` calibration):
+    y = x @ W^T + bias + scale * B (A x), kept beside the packed weight in full
+    precision, with A, B trainable parameters (autograd reaches them and x) and its
+    tensors in the `state_dict` as `adapter.A`, `adapter.B`, `adapter.scale`; loading
+    such a state dict into a layer without an adapter attaches one. Without an
+    adapter the layer and its `state_dict` are exactly the plain ones.
+    `merge_and_requantize` folds the adapter into the codes for a pure low-bit layer.
     """
 
     def __init__(
@@ -60,6 +71,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        self.adapter: LowRankAdapter | None = None
 
     @classmethod
     def from_linear(
@@ -111,14 +123,80 @@ class QuantLinear(nn.Module):
         return layer
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("scales", "zeros", "bias"):
+        for name in ("scales", "zeros", "bias", "adapter.A", "adapter.B", "adapter.scale"):
             t = state_dict.get(prefix + name)
             if t is not None and t.is_floating_point():
                 quantizer.check_finite(t, f"{prefix}{name}")
+        a = state_dict.get(prefix + "adapter.A")
+        if a is not None and self.adapter is None:  # the children load after this
+            self.attach_adapter(a.shape[0], dtype=a.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.packed, self.scales, self.zeros, self.bits, self.group_size, self.bias)
+        y = ops.linear(x, self.packed, self.scales, self.zeros, self.bits, self.group_size, self.bias)
+        if self.adapter is not None:
+            y = y + self.adapter(x).to(y.dtype)
+        return y
+
+    # --- the low-rank adapter ----------------------------------------------------------
+
+    def attach_adapter(
+        self,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        A: torch.Tensor | None = None,
+        B: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> LowRankAdapter:
+        """Adds (or replaces) the adapter: scale = alpha / rank (alpha defaults to rank).
+        A [rank, in_features] and B [out_features, rank] are copied when given;
+        otherwise A is Kaiming-uniform and B zero, so the layer computes as before."""
+        adapter = LowRankAdapter(self.in_features, self.out_features, rank,
+                                 rank if alpha is None else alpha, dtype=dtype, device=self.packed.device)
+        with torch.no_grad():
+            for name, value in (("A", A), ("B", B)):
+                if value is not None:
+                    target = getattr(adapter, name)
+                    if value.shape != target.shape:
+                        raise ValueError(
+                            f"lowbit: adapter {name} must have shape {list(target.shape)}, got {list(value.shape)}"
+                        )
+                    quantizer.check_finite(value, f"adapter {name}")
+                    target.copy_(value)
+        self.adapter = adapter
+        return adapter
+
+    def dense_weight(self) -> torch.Tensor:
+        """The float32 weight the layer computes with: dequantized codes plus, with an
+        adapter, scale * B A. Dequantized by the pure-torch reference: any device, no kernel needed."""
+        w = reference.dequantize(self.packed, self.scales.float(), self.zeros.float(), self.bits, self.group_size)
+        if self.adapter is not None:
+            w = w + self.adapter.delta_weight()
+        return w
+
+    @torch.no_grad()
+    def merge_and_requantize(self, grid: str = "same") -> QuantLinear:
+        """A plain QuantLinear (no adapter) for W + scale * B A, rounded to nearest.
+
+        grid="same" keeps this layer's scales and zeros (the calibrated clipping) and
+        rounds the merged weight onto them; grid="minmax" refits min-max scales and
+        zeros per group to the merged weight. Rounding the merged weight loses part of
+        what the adapter learned: BENCHMARKS.md measures how much."""
+        if self.adapter is None:
+            raise ValueError("lowbit: this QuantLinear has no adapter to merge")
+        w = self.dense_weight()
+        if grid == "same":  # nearest code; zeros may be fractional in this format
+            scales, zeros = self.scales, self.zeros
+            q = quantizer.grouped(w, self.group_size) / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+            codes = torch.round(q).clamp(0, 2**self.bits - 1).reshape(w.shape).to(torch.uint8)
+        elif grid == "minmax":
+            codes, scales, zeros = quantizer.rtn(w, self.bits, self.group_size, self.scales.dtype)
+        else:
+            raise ValueError(f"lowbit: grid must be 'same' or 'minmax', got {grid!r}")
+        bias = None if self.bias is None else self.bias.clone()
+        return QuantLinear.from_quantized(codes, scales.clone(), zeros.clone(), bias,
+                                          bits=self.bits, group_size=self.group_size)
 
     def dequantize(self) -> torch.Tensor:
         """The weight W[out_features, in_features] in the scales' dtype."""
@@ -133,3 +211,43 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, dtype={self.scales.dtype}"
         )
+
+
+class LowRankAdapter(nn.Module):
+    """The low-rank branch of a QuantLinear: delta y = scale * B (A x).
+
+    A [rank, in_features] and B [out_features, rank] are parameters in `dtype`;
+    `scale` (alpha / rank) is a float32 buffer so that checkpoints carry it. The
+    product is computed in the wider of x's and the adapter's dtypes.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"lowbit: adapter rank must be a positive integer, got {rank!r}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"lowbit: adapter alpha must be finite, got {alpha}")
+        if dtype not in ops.FLOAT_DTYPES:
+            raise TypeError(f"lowbit: adapter dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.tensor(alpha / rank, dtype=torch.float32, device=device))
+        # The initialisation of nn.Linear and PEFT's LoRA: B = 0 makes the branch start at zero.
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, self.A.dtype)
+        h = F.linear(x.to(dtype), self.A.to(dtype))
+        return F.linear(h, self.B.to(dtype)) * self.scale.to(dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A, float32 [out_features, in_features]."""
+        return (self.B.float() @ self.A.float()) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale.item():g}, dtype={self.A.dtype}"

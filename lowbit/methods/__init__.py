@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from lowbit.methods.apiq import ApiQ
 from lowbit.methods.base import LayerSpec, Method, Stage, derive_seed
 from lowbit.methods.omniquant import OmniQuant
 from lowbit.methods.rtn import RTN
+from lowbit.methods.tesseraq import TesseraQ
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -24,7 +26,7 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"lowbit: unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
-for _cls in (RTN, OmniQuant):
+for _cls in (RTN, OmniQuant, ApiQ, TesseraQ):
     register(_cls)
 
 __all__ = ["METHODS", "LayerSpec", "Method", "Stage", "derive_seed", "get_method", "register"]

@@ -15,8 +15,9 @@ A new method subclasses `Method`, sets `name`, and registers itself with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,7 +53,9 @@ class Stage:
     "weight_decay": ...}`); a fresh `optimizer` is built over them when the stage
     starts. Length: `epochs` passes over the calibration windows, or exactly
     `steps` optimiser steps when `steps` is set. `options` is free for the method
-    (e.g. loss weights that differ between stages).
+    (e.g. loss weights that differ between stages). `needs_output=False` marks a stage
+    whose loss depends on the weights alone: the engine then skips the block's forward
+    pass and gives `loss` pred=None.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Stage:
     steps: int | None = None
     optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = torch.optim.AdamW
     options: dict[str, Any] = field(default_factory=dict)
+    needs_output: bool = True
 
 
 class Method:
@@ -78,6 +82,14 @@ class Method:
     def defaults(cls, config) -> dict[str, Any]:
         """Default nsamples, seqlen, epochs, aug_loss, lr and weight_decay for `config`."""
         raise NotImplementedError
+
+    @classmethod
+    @contextlib.contextmanager
+    def prepare(cls, model: nn.Module, tokens: torch.Tensor, config) -> Iterator[Any]:
+        """Run-level setup: entered once before the first block, with the full-precision
+        model and the calibration tokens [nsamples, seqlen]; yields the config that the
+        blocks run with (e.g. naming data computed here) and cleans up when the run ends."""
+        yield config
 
     def __init__(self, config, block_index: int, num_blocks: int):
         self.config = config
