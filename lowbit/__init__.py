@@ -1,7 +1,11 @@
 """lowbit: 2- and 3-bit weight quantization for PyTorch language models."""
 
 from lowbit import _hf_hook, ops
+from lowbit.calibrate import BlockLog, CalibrationReport, quantize
+from lowbit.config import QuantConfig
 from lowbit.convert import ConversionReport, quantize_rtn
+from lowbit.evaluate import dense_weights, perplexity
+from lowbit.losses import sliced_wasserstein
 from lowbit.nn import QuantLinear
 from lowbit.overrides import resolve_scheme
 from lowbit.permuted import PermutedQuantLinear
@@ -31,17 +35,24 @@ def __getattr__(name):
 _hf_hook.install()
 
 __all__ = [
-    "CheckpointError",
+    "BlockLog",
+    "CalibrationReport",
     "checkpoint_info",
+    "CheckpointError",
     "ConversionReport",
-    "PermutedQuantLinear",
-    "QuantLinear",
+    "dense_weights",
     "export_gptq",
     "load_gptq",
     "load_quantized",
     "load_tokenizer",
     "ops",
+    "PermutedQuantLinear",
+    "perplexity",
+    "QuantConfig",
+    "quantize",
     "quantize_rtn",
+    "QuantLinear",
     "resolve_scheme",
     "save_quantized",
+    "sliced_wasserstein",
 ]

@@ -1,0 +1,162 @@
+"""The interface between the calibration engine and a method.
+
+The engine (`lowbit.calibrate`) owns the data flow, the optimisation loop, devices,
+checkpoints and logging. A method says, for one decoder block at a time:
+
+- how each linear layer is replaced during calibration (`wrap`: a trainable
+  stand-in that computes with fake-quantized weights);
+- what is trained, in which stages, with which optimiser groups (`stages`);
+- the loss (`loss`; by default `(1 - w) * MSE + w * SW` against each target);
+- what each layer becomes afterwards (`export`: normally a `QuantLinear`).
+
+A new method subclasses `Method`, sets `name`, and registers itself with
+`lowbit.methods.register`; the engine needs no change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lowbit.losses import reconstruction_loss
+
+ORIGINAL = "linear"  # wrappers keep the original layer under this attribute name
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """An independent 63-bit seed for each (seed, part, ...) combination."""
+    text = repr((seed,) + parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+@dataclass
+class LayerSpec:
+    """One linear layer to quantize: its name in the model and its grid."""
+
+    name: str
+    bits: int
+    group_size: int  # resolved: in_features for per-channel
+    scale_dtype: torch.dtype
+
+
+@dataclass
+class Stage:
+    """One phase of a block's training: its optimiser groups and length.
+
+    `param_groups` are torch optimiser groups (`{"params": [...], "lr": ...,
+    "weight_decay": ...}`); a fresh `optimizer` is built over them when the stage
+    starts. Length: `epochs` passes over the calibration windows, or exactly
+    `steps` optimiser steps when `steps` is set. `options` is free for the method
+    (e.g. loss weights that differ between stages).
+    """
+
+    name: str
+    param_groups: list[dict[str, Any]]
+    epochs: int = 0
+    steps: int | None = None
+    optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = torch.optim.AdamW
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of calibration methods; one instance per decoder block.
+
+    Attributes the engine sets up: `config` (the resolved QuantConfig),
+    `block_index`, `num_blocks`, `wrappers` (local layer name -> stand-in, after
+    `setup`) and `specs` (local layer name -> LayerSpec).
+    """
+
+    name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = True  # False: no calibration data, no training
+
+    @classmethod
+    def defaults(cls, config) -> dict[str, Any]:
+        """Default nsamples, seqlen, epochs, aug_loss, lr and weight_decay for `config`."""
+        raise NotImplementedError
+
+    def __init__(self, config, block_index: int, num_blocks: int):
+        self.config = config
+        self.block_index = block_index
+        self.num_blocks = num_blocks
+        self.wrappers: dict[str, nn.Module] = {}
+        self.specs: dict[str, LayerSpec] = {}
+        # Draws the SW projections; seeded per block so that a resumed run matches.
+        self.loss_generator = torch.Generator().manual_seed(derive_seed(config.seed, block_index, "loss"))
+
+    def setup(self, layers: dict[str, tuple[nn.Module, LayerSpec]]) -> dict[str, nn.Module]:
+        """Wraps every layer to quantize (local name -> (layer, spec)); returns the stand-ins."""
+        self.specs = {local: spec for local, (_, spec) in layers.items()}
+        self.wrappers = {}
+        for local, (layer, spec) in layers.items():
+            try:
+                self.wrappers[local] = self.wrap(layer, spec)
+            except ValueError as exc:
+                raise ValueError(f"{spec.name}: {exc}") from exc
+        return self.wrappers
+
+    # --- to implement ------------------------------------------------------------------
+
+    def wrap(self, layer: nn.Module, spec: LayerSpec) -> nn.Module:
+        """The stand-in used during calibration. It must keep `layer` as its attribute
+        `linear`; everything else in its state_dict is the learned state (checkpointed)."""
+        raise NotImplementedError
+
+    def export(self, local_name: str, wrapper: nn.Module) -> nn.Module:
+        """The final module replacing the layer (normally a QuantLinear)."""
+        raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        """The training stages of this block (none: nothing is trained)."""
+        return []
+
+    # --- optional hooks ----------------------------------------------------------------
+
+    def begin_stage(self, stage: Stage) -> None:
+        """Called before a stage's first step (e.g. to harden part of the rounding)."""
+
+    def after_step(self, stage: Stage) -> None:
+        """Called after every optimiser step (e.g. to project parameters)."""
+
+    def loss(
+        self, pred: torch.Tensor, targets: list[torch.Tensor], stage: Stage
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch and its terms for the log. `targets[0]` is the
+        full-precision block on the full-precision inputs; `targets[1]`, with
+        aug_loss, the full-precision block on the quantized inputs. Each target adds
+        `(1 - w) * MSE + w * SW` (w = config.sw_weight)."""
+        total, terms = 0.0, {}
+        for k, target in enumerate(targets):
+            part, part_terms = reconstruction_loss(
+                pred, target, self.config.sw_weight, self.config.sw_projections, self.loss_generator
+            )
+            total = total + part
+            suffix = "" if k == 0 else "_aug"
+            terms.update({name + suffix: value for name, value in part_terms.items()})
+        return total, terms
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Everything the wrappers learned, keyed '<local name>.<tensor>'."""
+        state = {}
+        for local, wrapper in self.wrappers.items():
+            for key, value in wrapper.state_dict().items():
+                if not key.startswith(ORIGINAL + "."):
+                    state[f"{local}.{key}"] = value.detach().cpu().contiguous()
+        return state
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.learned_state())
+        if set(state) != expected:
+            raise ValueError(
+                f"lowbit: checkpoint holds {sorted(set(state) ^ expected)[:4]}... that do not "
+                f"match the {self.name} stand-ins of this block"
+            )
+        for local, wrapper in self.wrappers.items():
+            own = {k[len(local) + 1:]: v for k, v in state.items() if k.startswith(local + ".")}
+            wrapper.load_state_dict(own, strict=False)

@@ -1,0 +1,74 @@
+"""QuantConfig: validation, per-layer settings, method defaults and JSON round trips."""
+
+import json
+
+import pytest
+
+from lowbit import QuantConfig
+from lowbit.methods import get_method
+
+
+def test_json_round_trip_keeps_every_field():
+    cfg = QuantConfig(bits=2, group_size=128, sw_weight=0.1, lr={"clip": 5e-3}, skip=("lm_head", "gate"),
+                      overrides={r"model\.layers\.0\..*": None, "down_proj": {"bits": 4}},
+                      options={"clip_init": 3.0}, cache_dir="/tmp/x", seed=5)
+    back = QuantConfig.from_json(cfg.to_json())
+    assert back == cfg and isinstance(back.skip, tuple)
+    assert json.loads(cfg.to_json())["skip"] == ["lm_head", "gate"]
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(ValueError, match=r"unknown QuantConfig fields \['bitz'\]"):
+        QuantConfig.from_dict({"bitz": 3})
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"bits": 5}, "bits must be 2, 3 or 4"),
+    ({"group_size": 48}, "group_size must be a positive multiple of 32"),
+    ({"sw_weight": 1.5}, "sw_weight must be in"),
+    ({"sw_projections": 0}, "sw_projections must be at least 1"),
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"epochs": -1}, "epochs must be >= 0"),
+    ({"scale_dtype": "int8"}, "scale_dtype must be"),
+    ({"overrides": {"(": None}}, "not a valid regex"),
+    ({"overrides": {"q_proj": {"bitz": 2}}}, "must be None or a dict"),
+    ({"overrides": {"q_proj": {"bits": 8}}}, "bits must be 2, 3 or 4"),
+])
+def test_bad_values_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kw)
+
+
+def test_layer_settings_skip_then_first_override_then_default():
+    cfg = QuantConfig(bits=3, group_size=64, skip=("lm_head",), overrides={
+        r"model\.layers\.0\..*": None,
+        "down_proj": {"bits": 2},
+        "mlp.down_proj": {"bits": 4},  # never reached: the pattern above matches first
+        "q_proj": {"group_size": -1},
+    })
+    assert cfg.layer_settings("lm_head") is None
+    assert cfg.layer_settings("model.layers.0.mlp.down_proj") is None
+    assert cfg.layer_settings("model.layers.3.mlp.down_proj") == (2, 64)
+    assert cfg.layer_settings("model.layers.3.self_attn.q_proj") == (3, -1)
+    assert cfg.layer_settings("model.layers.3.self_attn.k_proj") == (3, 64)
+    assert cfg.layer_settings("model.layers.10.self_attn.k_proj") == (3, 64)
+
+
+def test_method_defaults_fill_only_what_is_left_open():
+    omni = get_method("omniquant")
+    w3 = QuantConfig(bits=3).resolved(omni.defaults(QuantConfig(bits=3)))
+    assert (w3.nsamples, w3.seqlen, w3.epochs, w3.aug_loss, w3.lr) == (128, 2048, 20, False, {"clip": 1e-2})
+    w2 = QuantConfig(bits=2).resolved(omni.defaults(QuantConfig(bits=2)))
+    assert (w2.epochs, w2.aug_loss, w2.weight_decay) == (40, True, {"clip": 0.0})
+    mine = QuantConfig(bits=2, epochs=3, aug_loss=False, lr={"clip": 0.1})
+    mine = mine.resolved(omni.defaults(mine))
+    assert (mine.epochs, mine.aug_loss, mine.lr, mine.nsamples) == (3, False, {"clip": 0.1}, 128)
+    rtn = QuantConfig(method="rtn").resolved(get_method("rtn").defaults(QuantConfig()))
+    assert (rtn.nsamples, rtn.epochs) == (0, 0)
+
+
+def test_fingerprint_ignores_where_files_go():
+    a = QuantConfig(cache_dir="/a", progress=True).fingerprint_dict()
+    b = QuantConfig(cache_dir="/b", progress=False).fingerprint_dict()
+    assert a == b
+    assert a != QuantConfig(seed=1).fingerprint_dict()
