@@ -126,20 +126,26 @@ def linear_table(
     rows = []
     with torch.inference_mode():
         for n, k in parsed:
-            for m in ms:
-                x32 = torch.randn(m, k)
-                x16 = x32.to(torch.bfloat16)
-                ws = dense_copies(n, k, torch.float32, rotate_mb)
-                t_fp32 = median_seconds(F.linear, [(x32, w) for w in ws], **timing)
-                ws = dense_copies(n, k, torch.bfloat16, rotate_mb)
-                t_bf16 = median_seconds(F.linear, [(x16, w) for w in ws], **timing)
+            # One set of weight copies at a time, each timed at every M.
+            x = {m: torch.randn(m, k) for m in ms}
+            dense = {}
+            for dtype in (torch.float32, torch.bfloat16):
+                ws = dense_copies(n, k, dtype, rotate_mb)
+                dense[dtype] = {m: median_seconds(F.linear, [(x[m].to(dtype), w) for w in ws], **timing)
+                                for m in ms}
                 del ws
+            quant = {}
+            for b in bits:
+                qs, nbytes = quant_copies(n, k, b, group_size, scale_dtype, rotate_mb)
+                for m in ms:
+                    t = median_seconds(ops.linear, [(x[m], p, s, z, b, group_size) for p, s, z in qs], **timing)
+                    quant[m, b] = t, nbytes / t / 1e9
+                del qs
+            for m in ms:
                 for b in bits:
-                    qs, nbytes = quant_copies(n, k, b, group_size, scale_dtype, rotate_mb)
-                    argsets = [(x32, p, s, z, b, group_size) for p, s, z in qs]
-                    t = median_seconds(ops.linear, argsets, **timing)
-                    del qs
-                    rows.append(LinearRow(f"{n}x{k}", m, b, t, t_fp32, t_bf16, nbytes / t / 1e9))
+                    t, gbps = quant[m, b]
+                    rows.append(LinearRow(f"{n}x{k}", m, b, t, dense[torch.float32][m],
+                                          dense[torch.bfloat16][m], gbps))
                     if on_row is not None:
                         on_row(rows[-1])
     return rows

@@ -305,28 +305,28 @@ def checkpoint_bytes(source: str, model: nn.Module) -> tuple[int, str]:
 
 @dataclasses.dataclass
 class Measured:
-    """One side of the summary table."""
+    """One column of the summary table."""
 
-    size: int
-    layers_size: int
+    size: int  # bytes of the weight files
+    layers_size: int  # bytes of the layers that quantization replaces, before or after
     perplexity: float | None = None
     speed: benchmark.ModelSpeed | None = None
 
 
-def measure(model: nn.Module, layers: list[nn.Module], tokenizer, stream: torch.Tensor | None,
-            args: argparse.Namespace, device: str, label: str) -> tuple[float | None, benchmark.ModelSpeed | None]:
-    """Perplexity on the evaluation stream and speed, as the flags ask, on `device`."""
+def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, stream: torch.Tensor | None,
+            args: argparse.Namespace, device: str, label: str) -> Measured:
+    """Sizes, and the perplexity on the evaluation stream and speed on `device` as the flags ask."""
+    result = Measured(size, layer_bytes(layers))
     model.to(device)
-    perplexity = speed = None
     if stream is not None:
         info_line(f"evaluating the {label} model on {args.eval_data} ({args.eval_windows or 'all'} windows "
                   f"x {args.eval_seqlen} tokens)")
-        perplexity = token_perplexity(model, stream, args.eval_seqlen, args.eval_windows or None)
+        result.perplexity = token_perplexity(model, stream, args.eval_seqlen, args.eval_windows or None)
     if args.bench:
         with activity(f"timing the {label} model (decoding and linear layers)"):
             ids = tokenizer(SPEED_PROMPT, return_tensors="pt").input_ids
-            speed = benchmark.model_speed(model, layers, ids, SPEED_NEW_TOKENS, seconds=1.0)
-    return perplexity, speed
+            result.speed = benchmark.model_speed(model, layers, ids, SPEED_NEW_TOKENS, seconds=1.0)
+    return result
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -350,10 +350,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     stream = token_stream(tokenizer, load_texts([args.eval_data], "evaluation")) if args.eval else None
 
     fp_size, fp_size_how = checkpoint_bytes(args.model, model)
-    fp = Measured(fp_size, layer_bytes([model.get_submodule(n) for n in names]))
-    fp.perplexity, fp.speed = measure(model, [model.get_submodule(n) for n in names], tokenizer, stream,
-                                      args, device, "full-precision")
-    model.to("cpu")
+    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer, stream, args, device,
+                 "full-precision")
+    model.to("cpu")  # calibration moves one block at a time to the device
 
     report = lowbit.quantize(model, config, calibration, tokenizer)
     info_line(f"calibration: {report.seconds:.0f} s")
@@ -366,8 +365,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with activity(f"loading {output}"):
         quantized = lowbit.load_quantized(output)
     qlayers = [m for m in quantized.modules() if isinstance(m, QuantLinear)]
-    q = Measured(lowbit.checkpoint_info(output)["weights_bytes"], layer_bytes(qlayers))
-    q.perplexity, q.speed = measure(quantized, qlayers, tokenizer, stream, args, device, "quantized")
+    q = measure(quantized, qlayers, lowbit.checkpoint_info(output)["weights_bytes"], tokenizer, stream, args,
+                device, "quantized")
 
     print(summary_table(fp, q, args, config, fp_size_how, report.seconds, device))
     print(f"\nsaved {output}  (lowbit checkpoint: `lowbit info {output}`, `lowbit generate {output}`)")
