@@ -247,6 +247,11 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
         raise UsageError(_one_line(exc)) from exc
 
 
+def grid_name(bits: int, group_size: int | None) -> str:
+    """w3g64, or w3-per-row for one group per row."""
+    return f"w{bits}g{group_size}" if group_size not in (None, -1) else f"w{bits}-per-row"
+
+
 def default_output(model: str, bits: int, group_size: int | None) -> Path:
     """./<model>-w<bits>g<group size>, e.g. ./smollm2-135m-w3g64."""
     if model == DEFAULT_MODEL:
@@ -254,8 +259,7 @@ def default_output(model: str, bits: int, group_size: int | None) -> Path:
     else:
         path = Path(model).expanduser()
         base = (path.resolve().name if path.exists() else model.rstrip("/").rpartition("/")[2]).lower()
-    grid = f"g{group_size}" if group_size not in (None, -1) else "-per-row"
-    return Path(f"{base}-w{bits}{grid}")
+    return Path(f"{base}-{grid_name(bits, group_size)}")
 
 
 def check_output(path: Path, model: str) -> None:
@@ -368,13 +372,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     q = measure(quantized, qlayers, lowbit.checkpoint_info(output)["weights_bytes"], tokenizer, stream, args,
                 device, "quantized")
 
-    print(summary_table(fp, q, args, config, fp_size_how, report.seconds, device))
+    windows = window_count(stream, args.eval_seqlen, args.eval_windows) if stream is not None else 0
+    print(summary_table(fp, q, args, config, fp_size_how, report.seconds, device, windows))
     print(f"\nsaved {output}  (lowbit checkpoint: `lowbit info {output}`, `lowbit generate {output}`)")
     return 0
 
 
 def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence[str]) -> str:
-    text = f"{config.method}, {config.bits}-bit, group size {config.group_size}, seed {config.seed}"
+    text = f"{config.method}, {grid_name(config.bits, config.group_size)}, seed {config.seed}"
     if needs_data:
         lr = ", ".join(f"{k} {v:g}" for k, v in config.lr.items())
         text += (f"; calibration: {config.nsamples} windows x {config.seqlen} tokens of "
@@ -400,10 +405,15 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
     )
 
 
+def window_count(stream: torch.Tensor, seqlen: int, max_windows: int) -> int:
+    """The windows `token_perplexity` scores (max_windows 0: all)."""
+    windows = stream.numel() // seqlen
+    return min(windows, max_windows) if max_windows else windows
+
+
 def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_how: str,
-                  calibration_seconds: float, device: str) -> str:
-    grid = f"w{config.bits}g{config.group_size}"
-    rows = [("", "full precision", f"lowbit {grid}", "")]
+                  calibration_seconds: float, device: str, eval_windows: int) -> str:
+    rows = [("", "full precision", f"lowbit {grid_name(config.bits, config.group_size)}", "")]
     rows.append(("size (MB)", f"{fp.size / 1e6:.1f}", f"{q.size / 1e6:.1f}",
                  _ratio_text(fp.size, q.size, "smaller", "larger")))
     rows.append(("  quantized layers (MB)", f"{fp.layers_size / 1e6:.1f}", f"{q.layers_size / 1e6:.1f}",
@@ -426,8 +436,8 @@ def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_
     ]
     if fp.perplexity is not None:
         split = " evaluation split" if args.eval_data in NAMED_TEXTS else ""
-        notes.append(f"perplexity: {args.eval_data}{split}, {args.eval_windows or 'all'} windows of "
-                     f"{args.eval_seqlen} tokens (lowbit: the saved checkpoint, reloaded).")
+        notes.append(f"perplexity: {args.eval_data}{split}, {eval_windows} windows of {args.eval_seqlen} "
+                     f"tokens (lowbit: the saved checkpoint, reloaded).")
     if fp.speed is not None:
         where = (f"{torch.get_num_threads()} CPU threads, {ops.cpu_isa()} kernels" if device == "cpu"
                  else device)
@@ -447,9 +457,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
     model, tokenizer, kind = load_any(args.model, device, args.tokenizer)
     stream = token_stream(tokenizer, load_texts([args.data], args.split))
-    windows = stream.numel() // args.seqlen
-    if args.max_windows:
-        windows = min(windows, args.max_windows)
+    windows = window_count(stream, args.seqlen, args.max_windows)
     ppl = token_perplexity(model, stream, args.seqlen, args.max_windows or None)
     split = f" ({args.split} split)" if args.data in NAMED_TEXTS else ""
     print(f"{args.model} ({kind}): perplexity {ppl:.3f} on {args.data}{split}, "
