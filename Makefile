@@ -42,8 +42,9 @@ test-cpp:
 test-slow: install
 	$(PYTHON) -m pytest -m slow
 
+# Flags for it: make quantize ARGS="--bits 2 --group-size 32"
 quantize: install
-	lowbit quantize
+	$(PYTHON) -m lowbit quantize $(ARGS)
 
 bench: install
 	$(PYTHON) bench/cpu_linear.py
