@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_llama import random_tokens, tiny_llama
+from tiny_models import one_thread, random_tokens, tiny_model  # noqa: F401
 from torch import nn
 
 import lowbit
@@ -12,12 +12,7 @@ from lowbit.methods.apiq import AdaptedLinear, ApiQ, saliency_penalty
 from lowbit.nn import QuantLinear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**kw):
@@ -44,7 +39,7 @@ def adapted(n=64, k=64, rank=8, bits=2, seed=0):
     {"sw_weight": 0.2, "bits": 3},
 ])
 def test_apiq_lowers_every_block_loss_and_exports_adapters(kw):
-    model = tiny_llama()
+    model = tiny_model()
     report = lowbit.quantize(model, config(**kw), random_tokens())
     for log in report.blocks:
         assert log.loss_after["mse"] < log.loss_before["mse"]
@@ -66,7 +61,7 @@ def test_exported_adapters_compute_what_was_trained():
     """The model with stand-ins (export=False) and the exported QuantLinear model agree up to
     the fp16 storage of the adapters."""
     tokens = random_tokens()
-    fake, real = tiny_llama(), tiny_llama()
+    fake, real = tiny_model(), tiny_model()
     lowbit.quantize(fake, config(), tokens, export=False)
     lowbit.quantize(real, config(), tokens)
     with torch.no_grad():
@@ -76,7 +71,7 @@ def test_exported_adapters_compute_what_was_trained():
 
 
 def test_wpt_with_before_lora_trains_only_the_clipping():
-    model = tiny_llama(layers=1)
+    model = tiny_model(layers=1)
     cfg = config(saliency=True, stage_epochs={"wpt": 2, "mixedt": 0, "opt": 0})
     report = lowbit.quantize(model, cfg, random_tokens())
     regs = [e["reg"] for e in report.blocks[0].epochs]
@@ -88,12 +83,12 @@ def test_wpt_with_before_lora_trains_only_the_clipping():
 
 def test_saliency_directory_and_resume(tmp_path):
     tokens = random_tokens()
-    s_dir = lowbit.compute_saliency(tiny_llama(), tokens, out_dir=tmp_path / "s", progress=False)
-    a, b = tiny_llama(), tiny_llama()
+    s_dir = lowbit.compute_saliency(tiny_model(), tokens, out_dir=tmp_path / "s", progress=False)
+    a, b = tiny_model(), tiny_model()
     lowbit.quantize(a, config(saliency=str(s_dir)), tokens)
     lowbit.quantize(b, config(saliency=True, cache_dir=str(tmp_path / "run")), tokens)
     assert (tmp_path / "run" / "saliency" / "block_0001.safetensors").exists()
-    c = tiny_llama()
+    c = tiny_model()
     report = lowbit.quantize(c, config(saliency=True, cache_dir=str(tmp_path / "run")), tokens)
     assert all(log.resumed for log in report.blocks)
     with torch.no_grad():
@@ -104,11 +99,11 @@ def test_saliency_directory_and_resume(tmp_path):
 
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="need saliency"):
-        lowbit.quantize(tiny_llama(), config(stage_epochs={"wpt": 1}), random_tokens())
+        lowbit.quantize(tiny_model(), config(stage_epochs={"wpt": 1}), random_tokens())
     with pytest.raises(ValueError, match="stages"):
-        lowbit.quantize(tiny_llama(), config(saliency=True, stage_epochs={"warmup": 1}), random_tokens())
+        lowbit.quantize(tiny_model(), config(saliency=True, stage_epochs={"warmup": 1}), random_tokens())
     with pytest.raises(FileNotFoundError):
-        lowbit.quantize(tiny_llama(), config(saliency=str(tmp_path)), random_tokens())
+        lowbit.quantize(tiny_model(), config(saliency=str(tmp_path)), random_tokens())
     with pytest.raises(ValueError, match="reg_variant"):
         config(reg_variant="during_lora")
     with pytest.raises(ValueError, match="lora_rank"):
@@ -184,7 +179,7 @@ def test_weight_only_stages_skip_the_block_forward_pass():
     """wpt's loss depends on the weights alone: its steps run no block forward pass."""
 
     def block_calls(stage_epochs):
-        model = tiny_llama(layers=1)
+        model = tiny_model(layers=1)
         calls = []
         decoder_blocks(model)[1][0].register_forward_hook(lambda *_: calls.append(1))
         lowbit.quantize(model, config(saliency=True, stage_epochs=stage_epochs), random_tokens())

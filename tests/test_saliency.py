@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_llama import random_tokens, tiny_llama
+from tiny_models import one_thread, random_tokens, tiny_model  # noqa: F401
 
 import lowbit
 from lowbit import saliency as saliency_module
@@ -13,12 +13,7 @@ from lowbit.resume import CheckpointMismatchError
 from lowbit.saliency import load_saliency
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force(model, tokens):
@@ -39,7 +34,7 @@ def brute_force(model, tokens):
 
 @pytest.mark.parametrize("blocks_per_pass", [None, 1, 2])
 def test_saliency_equals_brute_force_squared_gradients(tmp_path, blocks_per_pass):
-    model = tiny_llama(layers=3)
+    model = tiny_model(layers=3)
     tokens = random_tokens(5, 24)
     out = lowbit.compute_saliency(model, tokens, out_dir=tmp_path / "s", blocks_per_pass=blocks_per_pass,
                                   progress=False)
@@ -53,7 +48,7 @@ def test_saliency_equals_brute_force_squared_gradients(tmp_path, blocks_per_pass
 
 
 def test_saliency_leaves_the_model_as_it_was(tmp_path):
-    model = tiny_llama()
+    model = tiny_model()
     model.model.embed_tokens.weight.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -67,7 +62,7 @@ def test_saliency_leaves_the_model_as_it_was(tmp_path):
 
 
 def test_saliency_resumes_and_refuses_other_data(tmp_path, monkeypatch):
-    model = tiny_llama(layers=3)
+    model = tiny_model(layers=3)
     tokens = random_tokens(3, 16)
     lowbit.compute_saliency(model, tokens, out_dir=tmp_path, progress=False)
     first = {i: load_saliency(tmp_path, i) for i in range(3)}
@@ -93,7 +88,7 @@ def test_saliency_from_texts_and_clear_errors(tmp_path):
                 input_ids = torch.tensor([[ord(c) % 128 for c in text]])
             return Encoding()
 
-    model = tiny_llama()
+    model = tiny_model()
     texts = ["the quick brown fox jumps over the lazy dog " * 4] * 3
     out = lowbit.compute_saliency(model, texts, CharTokenizer(), tmp_path, nsamples=2, seqlen=16, progress=False)
     assert len(load_saliency(out, 0)) == 7

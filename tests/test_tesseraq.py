@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_llama import random_tokens, tiny_llama
+from tiny_models import one_thread, random_tokens, tiny_model  # noqa: F401
 from torch import nn
 
 import lowbit
@@ -13,12 +13,7 @@ from lowbit.methods.tesseraq import HARD, RoundingLinear, TesseraQ, rectified_si
 from lowbit.nn import QuantLinear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**kw):
@@ -35,7 +30,7 @@ def rounding_layer(bits=2, n=48, k=96, train_clip=True, init=4.0):
 
 @pytest.mark.parametrize("kw", [{}, {"rounding_init": "minmax"}, {"sw_weight": 0.1}, {"bits": 3, "aug_loss": True}])
 def test_tesseraq_lowers_every_block_loss(kw):
-    model = tiny_llama()
+    model = tiny_model()
     report = lowbit.quantize(model, config(**kw), random_tokens())
     for log in report.blocks:
         assert log.loss_after["mse"] < log.loss_before["mse"]
@@ -95,7 +90,7 @@ def test_hardened_codes_are_integers_in_range_and_exact(bits):
 
 
 def test_minmax_without_training_is_round_to_nearest():
-    model, reference = tiny_llama(), tiny_llama()
+    model, reference = tiny_model(), tiny_model()
     lowbit.quantize(model, config(rounding_init="minmax", rounding_steps=0), random_tokens())
     lowbit.quantize_rtn(reference, 2, 32)
     ours = dict(decoder_blocks(model)[1].named_modules())
@@ -107,10 +102,10 @@ def test_minmax_without_training_is_round_to_nearest():
 
 def test_stand_ins_and_export_agree_and_checkpoints_resume(tmp_path):
     tokens = random_tokens()
-    fake, real = tiny_llama(), tiny_llama()
+    fake, real = tiny_model(), tiny_model()
     lowbit.quantize(fake, config(), tokens, export=False)
     lowbit.quantize(real, config(cache_dir=str(tmp_path)), tokens)
-    resumed = tiny_llama()
+    resumed = tiny_model()
     report = lowbit.quantize(resumed, config(cache_dir=str(tmp_path)), tokens)
     assert all(log.resumed for log in report.blocks)
     with torch.no_grad():
@@ -129,4 +124,4 @@ def test_defaults_and_bad_settings():
     with pytest.raises(ValueError, match="rounding_init"):
         lowbit.QuantConfig(method="tesseraq", rounding_init="awq")
     with pytest.raises(ValueError, match="lwc"):
-        lowbit.quantize(tiny_llama(), config(stage_epochs={"opt": 1}), random_tokens())
+        lowbit.quantize(tiny_model(), config(stage_epochs={"opt": 1}), random_tokens())
