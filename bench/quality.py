@@ -163,11 +163,13 @@ def run(args) -> dict:
                     seconds = time.perf_counter() - started
                 record(setting, method, seed, evaluate(model, streams, args), seconds, memory.peak, report)
                 del model
-    meta = {**metadata(args), "wall_s": time.perf_counter() - started}
+    meta = {**metadata(), "wall_s": time.perf_counter() - started}
     return {"args": vars(args), "model": str(model_dir), "results": results, "meta": meta}
 
 
-def metadata(args) -> dict:
+def metadata() -> dict:
+    """Date, commit, torch, threads, kernel variant and the command line of this run."""
+
     def git(*cmd):
         try:
             return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -179,7 +181,7 @@ def metadata(args) -> dict:
         "commit": git("rev-parse", "--short", "HEAD") + (" (modified)" if git("status", "--porcelain", "-uno") else ""),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "cpu_isa": lowbit.ops.cpu_isa(),
     }
 

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +57,7 @@ from lowbit.data import token_stream  # noqa: E402
 from lowbit.evaluate import dense_weights, token_perplexity  # noqa: E402
 from lowbit.methods import derive_seed  # noqa: E402
 from lowbit.nn import QuantLinear  # noqa: E402
+from quality import fmt, mean_std, metadata  # noqa: E402  (bench/ is on the path of a script in it)
 
 SETTINGS = {"w2g64": (2, 64), "w3g64": (3, 64), "w4g64": (4, 64)}
 ROWS = ("rtn", "omniquant", "apiq", "apiq-sal", "apiq-sal-sw", "tesseraq", "tesseraq-sw")
@@ -257,38 +256,7 @@ def uniform_saliency(model, directory: Path) -> None:
                   str(directory / f"block_{i:04d}.safetensors"))
 
 
-def metadata() -> dict:
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return "?"
-
-    return {
-        "date": datetime.date.today().isoformat(),
-        "commit": git("rev-parse", "--short", "HEAD") + (" (modified)" if git("status", "--porcelain", "-uno") else ""),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "command": "python bench/retraining_quality.py " + " ".join(sys.argv[1:]),
-    }
-
-
 # --- the table ---------------------------------------------------------------------------
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values, digits=2):
-    mean, std = mean_std(values)
-    if mean is None:
-        return "-"
-    text = f"{mean:.{digits}f}" if mean < 1e4 else f"{mean:.3g}"
-    return text + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
 
 
 def recovered(results, setting, split, base, improved, scale=lambda p: p) -> list[float]:
