@@ -274,9 +274,9 @@ def check_output(path: Path, model: str) -> None:
 def quantized_layer_names(model: nn.Module, config: QuantConfig) -> list[str]:
     """The linear layers `config` quantizes; refuses a group size that does not fit them all
     (the library would leave those layers in full precision, with a warning each)."""
-    chosen = {name: layer for name, layer in linear_layers(model).items()
-              if config.layer_settings(name) is not None}
-    misfits = {name: incompatibility(layer, config.layer_settings(name)[1]) for name, layer in chosen.items()}
+    schemes = {name: config.scheme(name) for name in linear_layers(model)}
+    chosen = {name: layer for name, layer in linear_layers(model).items() if schemes[name] is not None}
+    misfits = {name: incompatibility(layer, schemes[name].group_size) for name, layer in chosen.items()}
     misfits = {name: reason for name, reason in misfits.items() if reason}
     if misfits:
         name, reason = next(iter(misfits.items()))

@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 import lowbit
 from lowbit import checkpoint
 from lowbit.checkpoint import CheckpointError, load_quantized, save_quantized
-from lowbit.overrides import Scheme, check_overrides, resolve_scheme
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,38 +52,7 @@ def rewrite_quant_config(path, edit):
     file.write_text(json.dumps(config))
 
 
-# --- override resolution -------------------------------------------------------------
-
-
-def test_overrides_first_match_wins_then_skip_then_default():
-    overrides = {
-        r"model\.layers\.0\..*": {"bits": 4},
-        "down_proj": {"bits": 2, "group_size": 64},
-        "o_proj": None,
-    }
-    assert resolve_scheme("model.layers.0.mlp.down_proj", 3, 32, overrides) == Scheme(4, 32)
-    assert resolve_scheme("model.layers.1.mlp.down_proj", 3, 32, overrides) == Scheme(2, 64)
-    assert resolve_scheme("model.layers.1.self_attn.o_proj", 3, 32, overrides) is None
-    assert resolve_scheme("model.layers.1.self_attn.q_proj", 3, 32, overrides) == Scheme(3, 32)
-    assert resolve_scheme("lm_head", 3, 32, overrides) is None  # default skip
-    assert resolve_scheme("lm_head", 3, 32, {"lm_head": {"bits": 4}}) == Scheme(4, 32)  # opt-in
-    pairs = [["down_proj", {"bits": 2}], [".*", {"bits": 4}]]  # the stored form
-    assert resolve_scheme("model.layers.1.mlp.down_proj", 3, 32, pairs) == Scheme(2, 32)
-
-
-@pytest.mark.parametrize(
-    "bad, message",
-    [
-        ({"(": {"bits": 2}}, "not a valid regular expression"),
-        ({"q_proj": {"bits": 5}}, "bits must be 2, 3 or 4"),
-        ({"q_proj": {"group_size": 48}}, "group_size"),
-        ({"q_proj": {"bitz": 2}}, "keys 'bits' and/or 'group_size'"),
-        ([["q_proj"]], "must map patterns"),
-    ],
-)
-def test_bad_overrides_are_refused(bad, message):
-    with pytest.raises(ValueError, match=message):
-        check_overrides(bad)
+# --- mixed precision ---------------------------------------------------------------
 
 
 def test_quantize_rtn_honours_overrides_and_records_settings():
