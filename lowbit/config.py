@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowbit import ops
-from lowbit.overrides import Scheme, check_group_size_setting, check_overrides, resolve_scheme
+from lowbit.overrides import (
+    Scheme,
+    check_group_size_setting,
+    check_overrides,
+    resolve_scheme,
+)
 
 # Fields that change where files go or what is printed, never the result.
 _NOT_IN_FINGERPRINT = ("cache_dir", "progress")
