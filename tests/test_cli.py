@@ -117,7 +117,7 @@ def test_quantize_prints_the_summary_of_what_it_saved(tiny, tmp_path, capsys):
     assert code == 0, err
 
     info = lowbit.checkpoint_info(out)
-    assert info["format"] == "lowbit v1" and info["method"] == "omniquant"
+    assert info["format"] == "lowbit v2" and info["method"] == "omniquant"
     assert info["quantized_modules"] == 14 and info["schemes"] == {"3-bit g64": 14}
     assert info["full_precision_modules"] == ["lm_head"] and info["tokenizer"]
     assert info["method_config"]["nsamples"] == 2 and info["method_config"]["lr"] == {"clip": 0.1}
