@@ -147,15 +147,6 @@ def row_config(row: str, bits: int, group_size: int, seed: int, args, work: Path
     raise SystemExit(f"unknown row {row}; choose from {ROWS}")
 
 
-def merged_copy(model, grid: str):
-    """`model` with every adapter merged into its codes (in place; returns it)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear) and module.adapter is not None:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.merge_and_requantize(grid))
-    return model
-
-
 def jobs_of(args) -> list[tuple[str, str, int | None]]:
     rows = [r for r in args.rows.split(",") if r]
     for r in rows:
@@ -237,8 +228,9 @@ def run_worker(args) -> dict:
         record(setting, row, seed, evaluate(model, streams, args), seconds, report)
         if row == "apiq" and str(seed) in args.merge_seeds.split(","):
             for grid in merges:
-                record(setting, f"apiq merged ({grid})", seed,
-                       evaluate(merged_copy(copy.deepcopy(model), grid), streams, args))
+                merged = copy.deepcopy(model)
+                lowbit.merge_adapters(merged, grid)
+                record(setting, f"apiq merged ({grid})", seed, evaluate(merged, streams, args))
         del model
     return {"results": results}
 

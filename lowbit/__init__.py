@@ -3,7 +3,7 @@
 from lowbit import _hf_hook, ops
 from lowbit.calibrate import BlockLog, CalibrationReport, quantize
 from lowbit.config import QuantConfig
-from lowbit.convert import ConversionReport, quantize_rtn
+from lowbit.convert import ConversionReport, merge_adapters, quantize_rtn
 from lowbit.evaluate import dense_weights, perplexity
 from lowbit.losses import sliced_wasserstein
 from lowbit.nn import QuantLinear
@@ -47,6 +47,7 @@ __all__ = [
     "load_gptq",
     "load_quantized",
     "load_tokenizer",
+    "merge_adapters",
     "ops",
     "PermutedQuantLinear",
     "perplexity",

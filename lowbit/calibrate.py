@@ -112,7 +112,7 @@ def quantize(
     LongTensor [nsamples, seqlen] of token ids, which then sets nsamples and seqlen.
     Methods without data (rtn) ignore it.
 
-    Every linear layer inside the decoder blocks that `config.layer_settings` does
+    Every linear layer inside the decoder blocks that `config.scheme` does
     not keep in full precision is replaced by a `QuantLinear`; linear layers outside
     the blocks (lm_head, unless skipped) are quantized round-to-nearest. With
     `export=False` the calibration stand-ins stay in the model instead (the
@@ -160,12 +160,11 @@ def plan_layers(
     skipped: dict[str, str] = {}
 
     def spec_for(name: str, layer: nn.Module) -> LayerSpec | None:
-        settings = config.layer_settings(name)
-        if settings is None:
+        scheme = config.scheme(name)
+        if scheme is None:
             skipped[name] = "kept in full precision by skip/overrides"
             return None
-        bits, group_size = settings
-        reason = incompatibility(layer, group_size)
+        reason = incompatibility(layer, scheme.group_size)
         if reason:
             skipped[name] = reason
             warnings.warn(f"lowbit: not quantizing {name}: {reason}", stacklevel=4)
@@ -173,7 +172,8 @@ def plan_layers(
         weight = linear_weight(layer)
         scale_dtype = (_DTYPES[config.scale_dtype] if config.scale_dtype
                        else quantizer.default_scale_dtype(weight.dtype))
-        return LayerSpec(name, bits, quantizer.resolve_group_size(group_size, weight.shape[1]), scale_dtype)
+        group_size = quantizer.resolve_group_size(scheme.group_size, weight.shape[1])
+        return LayerSpec(name, scheme.bits, group_size, scale_dtype)
 
     plan = []
     for i, block in enumerate(blocks):

@@ -35,14 +35,17 @@ from lowbit.overrides import check_overrides
 from lowbit.permuted import PermutedQuantLinear
 
 QUANT_METHOD = "lowbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the "adapter" field of module entries
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SPEC_KEYS = {"bits", "group_size", "in_features", "out_features", "bias", "dtype"}
-_OPTIONAL_SPEC_KEYS = {"input_perm"}
+# Optional module-entry fields, by the format version that introduced them.
+_OPTIONAL_SPEC_KEYS = {1: {"input_perm"}, 2: {"input_perm", "adapter"}}
+_ADAPTER_KEYS = {"rank", "dtype"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -65,12 +68,19 @@ def module_spec(module: QuantLinear) -> dict[str, Any]:
     }
     if isinstance(module, PermutedQuantLinear):
         spec["input_perm"] = True
+    if module.adapter is not None:
+        spec["adapter"] = {
+            "rank": module.adapter.rank,
+            "dtype": str(module.adapter.A.dtype).removeprefix("torch."),
+        }
     return spec
 
 
 def quant_linear_from_spec(spec: Mapping[str, Any], device: torch.device | str = "meta") -> QuantLinear:
+    """An empty module of the entry's kind, with an empty adapter of the recorded rank and
+    dtype when the entry has one (its A, B and scale come with the checkpoint's tensors)."""
     cls = PermutedQuantLinear if spec.get("input_perm") else QuantLinear
-    return cls(
+    module = cls(
         spec["in_features"],
         spec["out_features"],
         spec["bits"],
@@ -79,6 +89,10 @@ def quant_linear_from_spec(spec: Mapping[str, Any], device: torch.device | str =
         dtype=_DTYPES[spec["dtype"]],
         device=device,
     )
+    adapter = spec.get("adapter")
+    if adapter is not None:
+        module.attach_adapter(adapter["rank"], dtype=_DTYPES[adapter["dtype"]])
+    return module
 
 
 def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -153,17 +167,17 @@ def check_quantization_config(qc: Any, where: str = "quantization_config") -> di
     version = qc.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"lowbit: {where}.format_version is missing or not an integer: {version!r}")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = " (written by a newer lowbit: upgrade lowbit)" if version > FORMAT_VERSION else ""
         raise CheckpointError(
             f"lowbit: {where}.format_version {version} is not supported; this lowbit reads "
-            f"version {FORMAT_VERSION}{newer}"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}{newer}"
         )
     modules = qc.get("modules")
     if not isinstance(modules, Mapping) or not modules:
         raise CheckpointError(f"lowbit: {where}.modules must be a non-empty table of quantized modules")
     for name, spec in modules.items():
-        _check_spec(spec, f"{where}.modules[{name!r}]")
+        _check_spec(spec, f"{where}.modules[{name!r}]", version)
     try:
         check_overrides(qc.get("overrides"))
     except ValueError as exc:
@@ -177,19 +191,20 @@ def check_quantization_config(qc: Any, where: str = "quantization_config") -> di
     return dict(qc)
 
 
-def _check_spec(spec: Any, where: str) -> None:
+def _check_spec(spec: Any, where: str, version: int = FORMAT_VERSION) -> None:
     if not isinstance(spec, Mapping):
         raise CheckpointError(f"lowbit: {where} must be a JSON object")
     missing = sorted(_SPEC_KEYS - set(spec))
-    unknown = sorted(set(spec) - _SPEC_KEYS - _OPTIONAL_SPEC_KEYS)
+    unknown = sorted(set(spec) - _SPEC_KEYS - _OPTIONAL_SPEC_KEYS[version])
     if missing:
         raise CheckpointError(f"lowbit: {where} lacks {missing[0]!r}")
     if unknown:
-        raise CheckpointError(f"lowbit: {where} has an unknown field {unknown[0]!r} (newer lowbit?)")
-    if spec["dtype"] not in _DTYPES:
-        raise CheckpointError(
-            f"lowbit: {where}.dtype must be one of {sorted(_DTYPES)}, got {spec['dtype']!r}"
-        )
+        later = [v for v, keys in _OPTIONAL_SPEC_KEYS.items() if unknown[0] in keys]
+        hint = f"it needs format_version {later[0]}" if later else "newer lowbit?"
+        raise CheckpointError(f"lowbit: {where} has an unknown field {unknown[0]!r} ({hint})")
+    _check_dtype(spec["dtype"], f"{where}.dtype")
+    if spec.get("adapter") is not None:
+        _check_adapter_spec(spec["adapter"], f"{where}.adapter")
     try:
         ops.check_bits(spec["bits"])
         ops.check_in_features(spec["in_features"])
@@ -198,6 +213,22 @@ def _check_spec(spec: Any, where: str) -> None:
         raise CheckpointError(f"{exc} (in {where})") from exc
     if not (isinstance(spec["out_features"], int) and spec["out_features"] > 0):
         raise CheckpointError(f"lowbit: {where}.out_features must be a positive integer")
+
+
+def _check_dtype(name: Any, where: str) -> None:
+    if name not in _DTYPES:
+        raise CheckpointError(f"lowbit: {where} must be one of {sorted(_DTYPES)}, got {name!r}")
+
+
+def _check_adapter_spec(adapter: Any, where: str) -> None:
+    if not isinstance(adapter, Mapping) or set(adapter) != _ADAPTER_KEYS:
+        raise CheckpointError(
+            f"lowbit: {where} must be a JSON object with exactly the keys 'rank' and 'dtype', got {adapter!r}"
+        )
+    rank = adapter["rank"]
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise CheckpointError(f"lowbit: {where}.rank must be a positive integer, got {rank!r}")
+    _check_dtype(adapter["dtype"], f"{where}.dtype")
 
 
 # --- writing -------------------------------------------------------------------------
@@ -454,18 +485,26 @@ def install_quant_linears(model: nn.Module, modules: Mapping[str, Mapping[str, A
         set_submodule(model, name, quant_linear_from_spec(spec, device))
 
 
-def _quantized_owner(key: str, model: nn.Module) -> QuantLinear | None:
-    """The QuantLinear holding tensor `key`, if any."""
-    try:
-        module = model.get_submodule(key.rpartition(".")[0])
-    except AttributeError:
-        return None
-    return module if isinstance(module, QuantLinear) else None
+def _quantized_owner(key: str, model: nn.Module) -> tuple[str, QuantLinear] | None:
+    """The name and QuantLinear holding tensor `key` (its own or its adapter's), if any."""
+    name = key.rpartition(".")[0]
+    for owner_name in (name, name.removesuffix(".adapter")):
+        try:
+            module = model.get_submodule(owner_name)
+        except AttributeError:
+            return None
+        if isinstance(module, QuantLinear):
+            return owner_name, module
+    return None
 
 
 def _describe(key: str, model: nn.Module) -> str:
     owner = _quantized_owner(key, model)
-    return f" for the quantized module {key.rpartition('.')[0]} ({owner.extra_repr()})" if owner else ""
+    if owner is None:
+        return ""
+    name, module = owner
+    adapter = f", adapter rank {module.adapter.rank}" if module.adapter is not None else ""
+    return f" for the quantized module {name} ({module.extra_repr()}{adapter})"
 
 
 def _converted(key: str, t: torch.Tensor, ref: torch.Tensor, model: nn.Module, source: str) -> torch.Tensor:
@@ -579,6 +618,9 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(qc, Mapping) and qc.get("quant_method") == QUANT_METHOD:
         qc = check_quantization_config(qc, f"{path}/config.json quantization_config")
         schemes = Counter(f"{s['bits']}-bit g{s['group_size']}" for s in qc["modules"].values())
+        adapters = Counter(
+            f"rank {a['rank']} {a['dtype']}" for s in qc["modules"].values() if (a := s.get("adapter"))
+        )
         info.update(
             format=f"lowbit v{qc['format_version']}",
             method=qc.get("method"),
@@ -586,6 +628,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
             group_size=qc.get("group_size"),
             quantized_modules=len(qc["modules"]),
             schemes=dict(schemes),
+            adapters=dict(adapters),
             full_precision_modules=list(qc.get("modules_to_not_convert") or []),
             overrides=qc.get("overrides") or [],
             method_config=qc.get("method_config") or {},

@@ -274,9 +274,9 @@ def check_output(path: Path, model: str) -> None:
 def quantized_layer_names(model: nn.Module, config: QuantConfig) -> list[str]:
     """The linear layers `config` quantizes; refuses a group size that does not fit them all
     (the library would leave those layers in full precision, with a warning each)."""
-    chosen = {name: layer for name, layer in linear_layers(model).items()
-              if config.layer_settings(name) is not None}
-    misfits = {name: incompatibility(layer, config.layer_settings(name)[1]) for name, layer in chosen.items()}
+    schemes = {name: config.scheme(name) for name in linear_layers(model)}
+    chosen = {name: layer for name, layer in linear_layers(model).items() if schemes[name] is not None}
+    misfits = {name: incompatibility(layer, schemes[name].group_size) for name, layer in chosen.items()}
     misfits = {name: reason for name, reason in misfits.items() if reason}
     if misfits:
         name, reason = next(iter(misfits.items()))
@@ -549,11 +549,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     _require_lowbit_checkpoint(source)
     with activity(f"loading {source}"):
         model, tokenizer = lowbit.load_quantized(source), lowbit.load_tokenizer(source)
+    if args.merge_adapters:
+        merged = lowbit.merge_adapters(model)
+        info_line(f"merged the low-rank adapters of {len(merged)} layers into their codes")
     try:
         with activity(f"writing {output}"):
             lowbit.export_gptq(model, output, tokenizer, dynamic=args.dynamic)
     except ValueError as exc:
-        raise UsageError(_one_line(exc).replace("Pass dynamic=True", "Pass --dynamic")) from exc
+        message = _one_line(exc).replace("Pass dynamic=True", "Pass --dynamic")
+        raise UsageError(message.replace("lowbit.merge_adapters(model)", "--merge-adapters")) from exc
     info = lowbit.checkpoint_info(output)
     print(f"wrote {output}: {info['format']}, {info['bits']}-bit group size {info['group_size']}, "
           f"{info['quantized_modules']} layers, {info['weights_bytes'] / 1e6:.1f} MB")
@@ -594,6 +598,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         by_count = sorted(schemes.items(), key=lambda item: -item[1])
         rows.append(("quantized", f"{info['quantized_modules']} linear layers: "
                      + ", ".join(f"{scheme} x{n}" for scheme, n in by_count)))
+    if info.get("adapters"):
+        rows.append(("adapters", f"{sum(info['adapters'].values())} layers: "
+                     + ", ".join(f"{kind} x{n}" for kind, n in info["adapters"].items())))
     if "full_precision_modules" in info:
         rows.append(("full precision", ", ".join(info["full_precision_modules"]) or "none"))
     if info.get("overrides"):
@@ -799,6 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true",
                    help="allow layers with their own bits/group size or left in full precision, written "
                         "as GPTQModel's per-module `dynamic` table (read by GPTQModel and vLLM)")
+    p.add_argument("--merge-adapters", action="store_true",
+                   help="fold the low-rank adapters of an apiq checkpoint into the codes first "
+                        "(GPTQ cannot store adapters; rounding them loses part of what they learned)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("info", parents=[common], formatter_class=_FORMATTER,

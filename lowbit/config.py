@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from lowbit import ops
-from lowbit.convert import name_matches
+from lowbit.overrides import (
+    Scheme,
+    check_group_size_setting,
+    check_overrides,
+    resolve_scheme,
+)
 
 # Fields that change where files go or what is printed, never the result.
 _NOT_IN_FINGERPRINT = ("cache_dir", "progress")
@@ -42,7 +46,8 @@ class QuantConfig:
       skip              name patterns of linear layers kept in full precision unless an
                         override names them; `lm_head` by default (its weight is usually
                         tied to the input embedding). Patterns match a full name, its
-                        last dotted components, or the whole name as a regex.
+                        last dotted components, or the whole name as a regex; the rule
+                        is `lowbit.overrides.resolve_scheme` (see `scheme`).
 
     Method
       method            "rtn" (round-to-nearest, min-max; no data) or "omniquant"
@@ -137,10 +142,9 @@ class QuantConfig:
 
     def __post_init__(self):
         self.skip = tuple(self.skip)
-        if not isinstance(self.overrides, dict):  # (pattern, setting) pairs, order kept
-            self.overrides = {pattern: setting for pattern, setting in self.overrides}
+        self.overrides = check_overrides(self.overrides)  # also from (pattern, setting) pairs, order kept
         ops.check_bits(self.bits)
-        _check_group_size_value(self.group_size)
+        check_group_size_setting(self.group_size)
         if not 0.0 <= self.sw_weight <= 1.0:
             raise ValueError(f"lowbit: sw_weight must be in [0, 1], got {self.sw_weight}")
         for name in ("sw_projections", "batch_size"):
@@ -154,8 +158,6 @@ class QuantConfig:
             raise ValueError(
                 f"lowbit: scale_dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}"
             )
-        for pattern, setting in self.overrides.items():
-            _check_override(pattern, setting)
         self._check_method_specific()
 
     def _check_method_specific(self) -> None:
@@ -184,19 +186,10 @@ class QuantConfig:
 
     # --- per-layer settings ------------------------------------------------------------
 
-    def layer_settings(self, name: str) -> tuple[int, int | None] | None:
-        """(bits, group_size) for the linear layer `name`, or None to keep it in full
-        precision: the first matching `overrides` pattern decides; otherwise a layer
-        matching `skip` stays in full precision; otherwise the global bits and group
-        size apply (so an override opts a skipped layer such as lm_head in)."""
-        for pattern, setting in self.overrides.items():
-            if name_matches(name, pattern):
-                if setting is None:
-                    return None
-                return setting.get("bits", self.bits), setting.get("group_size", self.group_size)
-        if any(name_matches(name, p) for p in self.skip):
-            return None
-        return self.bits, self.group_size
+    def scheme(self, name: str) -> Scheme | None:
+        """The bits and group size of the linear layer `name`, or None to keep it in full
+        precision, by `lowbit.overrides.resolve_scheme` with this config's settings."""
+        return resolve_scheme(name, self.bits, self.group_size, self.overrides, self.skip)
 
     # --- method defaults ---------------------------------------------------------------
 
@@ -216,6 +209,8 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
+        # pairs, not an object: the first matching pattern wins, and JSON writers sort keys
+        d["overrides"] = [[pattern, setting] for pattern, setting in self.overrides.items()]
         return d
 
     @classmethod
@@ -240,29 +235,3 @@ class QuantConfig:
             d.pop(name)
         return d
 
-
-def _check_group_size_value(group_size: int | None) -> None:
-    if group_size in (None, -1):
-        return
-    if not (isinstance(group_size, int) and group_size > 0 and group_size % ops.BLOCK == 0):
-        raise ValueError(
-            f"lowbit: group_size must be a positive multiple of 32, None or -1, got {group_size!r}"
-        )
-
-
-def _check_override(pattern: str, setting: dict | None) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"lowbit: override pattern {pattern!r} is not a valid regex: {exc}") from exc
-    if setting is None:
-        return
-    if not isinstance(setting, dict) or set(setting) - {"bits", "group_size"}:
-        raise ValueError(
-            f"lowbit: override {pattern!r} must be None or a dict with keys 'bits' and/or "
-            f"'group_size', got {setting!r}"
-        )
-    if "bits" in setting:
-        ops.check_bits(setting["bits"])
-    if "group_size" in setting:
-        _check_group_size_value(setting["group_size"])

@@ -119,3 +119,13 @@ def quantize_rtn(
         },
     )
     return report
+
+
+def merge_adapters(model: nn.Module, grid: str = "same") -> list[str]:
+    """Folds every QuantLinear's low-rank adapter into its codes, in place, by
+    `QuantLinear.merge_and_requantize(grid)`: a pure low-bit model (as GPTQ export needs),
+    at the cost of rounding what the adapters learned. Returns the merged layers' names."""
+    adapted = [name for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.adapter is not None]
+    for name in adapted:
+        set_submodule(model, name, model.get_submodule(name).merge_and_requantize(grid))
+    return adapted

@@ -231,12 +231,21 @@ def export_gptq(
     layers left in full precision (other than the output layer), need
     `dynamic=True`, which records them in GPTQModel's per-module `dynamic` table.
     Act-order layers (`PermutedQuantLinear`) are written with their `g_idx`.
+    Layers with low-rank adapters are refused: merge them first (`lowbit.merge_adapters`).
     The directory appears complete or not at all, as with `save_quantized`.
     """
     _check_saveable(model)
     layers = quant_modules(model)
     if not layers:
         raise ValueError("lowbit: the model has no QuantLinear layers to export")
+    adapted = [name for name, module in layers.items() if module.adapter is not None]
+    if adapted:
+        raise ValueError(
+            f"lowbit: cannot export to GPTQ: {len(adapted)} layers (e.g. {adapted[0]}) carry low-rank "
+            "adapters, which GPTQ cannot store. Merge them into the codes first with "
+            "lowbit.merge_adapters(model) (QuantLinear.merge_and_requantize on every layer), which "
+            "rounds what they learned; or keep them in a lowbit checkpoint (save_quantized)"
+        )
     for name, module in layers.items():
         _check_exportable(name, module)
     config = gptq_config(model, layers, dynamic)

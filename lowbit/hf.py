@@ -50,8 +50,8 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, module in quant_modules(model).items():
-            for buffer_name, t in module.named_buffers(recurse=False):
-                key = f"{name}.{buffer_name}"
+            for tensor_name, t in [*module.named_buffers(), *module.named_parameters()]:  # adapter's too
+                key = f"{name}.{tensor_name}"
                 if t.is_meta or not getattr(t, "_is_hf_initialized", False):
                     raise CheckpointError(f"lowbit: the checkpoint lacks tensor {key}")
                 if t.is_floating_point() and not torch.isfinite(t).all():

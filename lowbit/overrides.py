@@ -69,14 +69,20 @@ def check_overrides(overrides: Overrides | None) -> dict[str, dict[str, int | No
         setting = dict(setting)
         if "bits" in setting:
             ops.check_bits(setting["bits"])
-        g = setting.get("group_size")
-        if g is not None and g != -1 and not (isinstance(g, int) and g > 0 and g % ops.BLOCK == 0):
-            raise ValueError(
-                f"lowbit: override {pattern!r}: group_size must be a positive multiple of "
-                f"{ops.BLOCK}, -1 or None (one group per row), got {g!r}"
-            )
+        check_group_size_setting(setting.get("group_size"), f"override {pattern!r}: group_size")
         checked[pattern] = setting
     return checked
+
+
+def check_group_size_setting(group_size: int | None, what: str = "group_size") -> None:
+    """A group size as settings give it, before a layer's in_features is known."""
+    if group_size is None or group_size == -1:
+        return
+    if not (isinstance(group_size, int) and group_size > 0 and group_size % ops.BLOCK == 0):
+        raise ValueError(
+            f"lowbit: {what} must be a positive multiple of {ops.BLOCK}, -1 or None "
+            f"(one group per row), got {group_size!r}"
+        )
 
 
 def matching_override(name: str, overrides: Overrides | None) -> tuple[str, Setting] | None:

@@ -68,6 +68,17 @@ class PermutedQuantLinear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return self._unpermute(super().dequantize())
 
+    def dense_weight(self) -> torch.Tensor:
+        return self._unpermute(super().dense_weight())
+
+    def merge_and_requantize(self, grid: str = "same") -> PermutedQuantLinear:
+        """Merges the adapter (which reads the permuted input) in the stored order and keeps
+        the permutation."""
+        stored = QuantLinear(self.in_features, self.out_features, self.bits, self.group_size,
+                             self.bias is not None, self.scales.dtype, self.packed.device)
+        stored.load_state_dict({k: v for k, v in self.state_dict().items() if k != "input_perm"})
+        return PermutedQuantLinear.from_permuted(stored.merge_and_requantize(grid), self.input_perm)
+
     def codes(self) -> torch.Tensor:
         return self._unpermute(super().codes())
 

@@ -2,6 +2,7 @@
 `from_pretrained` path, atomic writes, and clear refusals of bad checkpoints."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ from safetensors.torch import load_file, save_file
 import lowbit
 from lowbit import checkpoint
 from lowbit.checkpoint import CheckpointError, load_quantized, save_quantized
-from lowbit.overrides import Scheme, check_overrides, resolve_scheme
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,38 +52,7 @@ def rewrite_quant_config(path, edit):
     file.write_text(json.dumps(config))
 
 
-# --- override resolution -------------------------------------------------------------
-
-
-def test_overrides_first_match_wins_then_skip_then_default():
-    overrides = {
-        r"model\.layers\.0\..*": {"bits": 4},
-        "down_proj": {"bits": 2, "group_size": 64},
-        "o_proj": None,
-    }
-    assert resolve_scheme("model.layers.0.mlp.down_proj", 3, 32, overrides) == Scheme(4, 32)
-    assert resolve_scheme("model.layers.1.mlp.down_proj", 3, 32, overrides) == Scheme(2, 64)
-    assert resolve_scheme("model.layers.1.self_attn.o_proj", 3, 32, overrides) is None
-    assert resolve_scheme("model.layers.1.self_attn.q_proj", 3, 32, overrides) == Scheme(3, 32)
-    assert resolve_scheme("lm_head", 3, 32, overrides) is None  # default skip
-    assert resolve_scheme("lm_head", 3, 32, {"lm_head": {"bits": 4}}) == Scheme(4, 32)  # opt-in
-    pairs = [["down_proj", {"bits": 2}], [".*", {"bits": 4}]]  # the stored form
-    assert resolve_scheme("model.layers.1.mlp.down_proj", 3, 32, pairs) == Scheme(2, 32)
-
-
-@pytest.mark.parametrize(
-    "bad, message",
-    [
-        ({"(": {"bits": 2}}, "not a valid regular expression"),
-        ({"q_proj": {"bits": 5}}, "bits must be 2, 3 or 4"),
-        ({"q_proj": {"group_size": 48}}, "group_size"),
-        ({"q_proj": {"bitz": 2}}, "keys 'bits' and/or 'group_size'"),
-        ([["q_proj"]], "must map patterns"),
-    ],
-)
-def test_bad_overrides_are_refused(bad, message):
-    with pytest.raises(ValueError, match=message):
-        check_overrides(bad)
+# --- mixed precision ---------------------------------------------------------------
 
 
 def test_quantize_rtn_honours_overrides_and_records_settings():
@@ -226,7 +195,7 @@ def test_checkpoint_info(tmp_path):
     save_quantized(model, tmp_path / "ckpt")
     info = lowbit.checkpoint_info(tmp_path / "ckpt")
     assert (
-        info["format"] == "lowbit v1"
+        info["format"] == "lowbit v2"
         and info["method"] == "rtn"
         and info["architecture"] == "LlamaForCausalLM"
     )
@@ -252,6 +221,156 @@ def test_load_onto_a_dtype(tmp_path):
     assert loaded.model.layers[0].mlp.up_proj.scales.dtype == torch.float16  # stored scales kept
     out = logits(loaded, token_batch(model))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# --- low-rank adapters (apiq) --------------------------------------------------------
+
+QP = "model.layers.0.self_attn.q_proj"  # adapter rank 4, float32
+
+
+def with_adapters(model, dtypes=(torch.float32, torch.float16, torch.bfloat16), rank=4):
+    """Random adapters with non-zero B on every other quantized layer, cycling through `dtypes`
+    and ranks rank, rank + 1, ...; the other layers stay plain."""
+    gen = torch.Generator().manual_seed(0)
+    for i, (name, layer) in enumerate(checkpoint.quant_modules(model).items()):
+        if i % 2:
+            continue
+        r, dtype = rank + i % 3, dtypes[(i // 2) % len(dtypes)]
+        A = torch.randn(r, layer.in_features, generator=gen) / layer.in_features**0.5
+        B = torch.randn(layer.out_features, r, generator=gen) * 0.1
+        layer.attach_adapter(r, 2.0 * r + i, A=A, B=B, dtype=dtype)
+    return model
+
+
+def adapter_specs(model):
+    return {name: {"rank": m.adapter.rank, "dtype": str(m.adapter.A.dtype).removeprefix("torch.")}
+            for name, m in checkpoint.quant_modules(model).items() if m.adapter is not None}
+
+
+@pytest.fixture
+def adapted(tmp_path):
+    """(model with adapters on every other layer, its checkpoint directory)."""
+    model = with_adapters(quantized(tiny_llama(), 3, 32))
+    save_quantized(model, tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def test_adapters_round_trip_exactly(adapted):
+    model, path = adapted
+    tokens = token_batch(model)
+    expected = logits(model, tokens)
+    plain = logits(quantized(tiny_llama(), 3, 32), tokens)
+    assert not torch.allclose(expected, plain)  # the adapters change the output
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == checkpoint.FORMAT_VERSION == 2
+    stored = {name: spec["adapter"] for name, spec in qc["modules"].items() if "adapter" in spec}
+    assert stored == adapter_specs(model) and len(stored) == 7
+    assert {s["dtype"] for s in stored.values()} == {"float32", "float16", "bfloat16"}
+    for loaded in (load_quantized(path), transformers.AutoModelForCausalLM.from_pretrained(path)):
+        assert_same_quant_layers(model, loaded)  # includes adapter.A, adapter.B, adapter.scale
+        assert adapter_specs(loaded) == adapter_specs(model)
+        assert torch.equal(logits(loaded, tokens), expected)
+    info = lowbit.checkpoint_info(path)
+    assert info["format"] == "lowbit v2" and sum(info["adapters"].values()) == 7
+    assert info["adapters"]["rank 4 float32"] == 3  # layers 0, 6 and 12
+
+
+def test_apiq_model_round_trips_through_a_checkpoint(tmp_path):
+    """The real path: lowbit.quantize with method="apiq" keeps adapters, and save -> load
+    (both loaders) rebuilds them exactly."""
+    model = tiny_llama(layers=1)
+    tokens = token_batch(model, 2, 16)
+    config = lowbit.QuantConfig(method="apiq", bits=2, group_size=32, epochs=1, lora_rank=4, progress=False)
+    lowbit.quantize(model, config, tokens)
+    assert all(m.adapter is not None and m.adapter.B.abs().sum() > 0
+               for m in checkpoint.quant_modules(model).values())
+    expected = logits(model, tokens)
+    save_quantized(model, tmp_path / "ckpt")
+    for loaded in (load_quantized(tmp_path / "ckpt"),
+                   transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")):
+        assert_same_quant_layers(model, loaded)
+        assert torch.equal(logits(loaded, tokens), expected)
+        assert loaded.lowbit_config.method == "apiq" and loaded.lowbit_config.settings["lora_rank"] == 4
+
+
+@pytest.mark.parametrize("tensor", ["adapter.A", "adapter.B", "adapter.scale"])
+def test_missing_adapter_tensor(adapted, tensor):
+    _, path = adapted
+    rewrite_tensors(path, lambda t: t.pop(f"{QP}.{tensor}"))
+    message = rf"lacks tensor {re.escape(QP)}\.{re.escape(tensor)}"
+    with pytest.raises(CheckpointError, match=message + r" for the quantized module .*adapter rank 4"):
+        load_quantized(path)
+    with pytest.raises(CheckpointError, match=message):
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("tensor, shape", [("adapter.A", [5, 64]), ("adapter.B", [64, 3]),
+                                           ("adapter.scale", [1])])
+def test_adapter_tensor_of_the_wrong_shape(adapted, tensor, shape):
+    _, path = adapted
+    key = f"{QP}.{tensor}"
+    rewrite_tensors(path, lambda t: t.update({key: torch.ones(shape, dtype=t[key].dtype)}))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} has shape {re.escape(str(shape))}"):
+        load_quantized(path)
+    # transformers' own size check (its load report, logged just before, names the tensor)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_adapter_tensor_of_the_wrong_dtype_or_not_finite(adapted):
+    _, path = adapted
+    key = f"{QP}.adapter.B"
+    rewrite_tensors(path, lambda t: t.update({key: t[key].half()}))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} has dtype torch.float16, expected torch.float32"):
+        load_quantized(path)
+    rewrite_tensors(path, lambda t: t.update({key: t[key].float().index_fill(0, torch.tensor([2]), float("inf"))}))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} contains NaN"):
+        load_quantized(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda a: a.update(rank=5), r"adapter\.A has shape \[4, 64\], expected \[5, 64\]"),
+        (lambda a: a.update(rank=0), "rank must be a positive integer"),
+        (lambda a: a.update(dtype="int8"), r"adapter\.dtype must be one of"),
+        (lambda a: a.update(alpha=8), "exactly the keys 'rank' and 'dtype'"),
+    ],
+)
+def test_adapter_entry_contradicting_or_malformed(adapted, edit, message):
+    _, path = adapted
+    rewrite_quant_config(path, lambda qc: edit(qc["modules"][QP]["adapter"]))
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(path)
+
+
+def test_format_version_1_is_still_read_but_cannot_hold_adapters(adapted, tmp_path):
+    model = quantized(tiny_llama())
+    save_quantized(model, tmp_path / "v1")
+    rewrite_quant_config(tmp_path / "v1", lambda qc: qc.update(format_version=1))
+    tokens = token_batch(model)
+    assert torch.equal(logits(load_quantized(tmp_path / "v1"), tokens), logits(model, tokens))
+    assert lowbit.checkpoint_info(tmp_path / "v1")["format"] == "lowbit v1"
+    _, path = adapted
+    rewrite_quant_config(path, lambda qc: qc.update(format_version=1))
+    with pytest.raises(CheckpointError, match="unknown field 'adapter' .it needs format_version 2"):
+        load_quantized(path)
+
+
+def test_gptq_export_refuses_adapters_until_they_are_merged(adapted, tmp_path):
+    model, _ = adapted
+    with pytest.raises(ValueError, match=r"7 layers .* carry low-rank adapters.*lowbit\.merge_adapters"):
+        lowbit.export_gptq(model, tmp_path / "gptq")
+    assert not (tmp_path / "gptq").exists()
+    expected = {name: m.merge_and_requantize().dequantize() for name, m in checkpoint.quant_modules(model).items()
+                if m.adapter is not None}
+    merged = lowbit.merge_adapters(model)
+    assert sorted(merged) == sorted(expected)
+    assert all(m.adapter is None for m in checkpoint.quant_modules(model).values())
+    lowbit.export_gptq(model, tmp_path / "gptq")
+    imported = lowbit.load_gptq(tmp_path / "gptq")
+    for name, weight in expected.items():
+        assert torch.equal(imported.get_submodule(name).dequantize(), weight), name
 
 
 # --- transformers from_pretrained ----------------------------------------------------
@@ -430,7 +549,7 @@ def test_nan_scales(saved):
 
 
 @pytest.mark.parametrize(
-    "version, message", [(2, "newer lowbit"), (0, "not supported"), ("1", "not an integer")]
+    "version, message", [(3, "newer lowbit"), (0, "not supported"), ("2", "not an integer")]
 )
 def test_unknown_format_version(saved, version, message):
     rewrite_quant_config(saved, lambda qc: qc.update(format_version=version))

@@ -117,7 +117,7 @@ def test_quantize_prints_the_summary_of_what_it_saved(tiny, tmp_path, capsys):
     assert code == 0, err
 
     info = lowbit.checkpoint_info(out)
-    assert info["format"] == "lowbit v1" and info["method"] == "omniquant"
+    assert info["format"] == "lowbit v2" and info["method"] == "omniquant"
     assert info["quantized_modules"] == 14 and info["schemes"] == {"3-bit g64": 14}
     assert info["full_precision_modules"] == ["lm_head"] and info["tokenizer"]
     assert info["method_config"]["nsamples"] == 2 and info["method_config"]["lr"] == {"clip": 0.1}
@@ -403,12 +403,36 @@ def test_export_refusals(tiny, checkpoint, tmp_path, capsys):
     assert_one_line_error(code, err, 2, match="invalid choice: 'awq'")
 
 
+def test_export_of_an_adapted_checkpoint_needs_merge_adapters(tiny, tmp_path, capsys):
+    """A checkpoint with low-rank adapters (as apiq writes): `lowbit info` lists them, export
+    refuses them, and --merge-adapters exports the merged codes."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"])
+    lowbit.quantize_rtn(model, 3, 64)
+    for layer in model.model.layers[0].modules():
+        if isinstance(layer, QuantLinear):
+            layer.attach_adapter(8, B=torch.randn(layer.out_features, 8) * 0.01, dtype=torch.float16)
+    lowbit.save_quantized(model, tmp_path / "adapted")
+    code, out, err = run(["info", str(tmp_path / "adapted")], capsys)
+    assert code == 0, err
+    assert re.search(r"^adapters\s+7 layers: rank 8 float16 x7$", out, re.M)
+    code, _, err = run(["export", str(tmp_path / "adapted")], capsys)
+    assert_one_line_error(code, err, match=r"7 layers .* carry low-rank adapters.* with --merge-adapters")
+    assert not (tmp_path / "adapted-gptq").exists()
+    code, out, err = run(["export", str(tmp_path / "adapted"), "--merge-adapters"], capsys)
+    assert code == 0, err
+    assert "merged the low-rank adapters of 7 layers" in err + out
+    imported = lowbit.load_gptq(tmp_path / "adapted-gptq")
+    for name, layer in lowbit.checkpoint.quant_modules(model).items():
+        want = layer.merge_and_requantize() if layer.adapter is not None else layer
+        assert torch.equal(imported.get_submodule(name).dequantize(), want.dequantize()), name
+
+
 def test_info_summarises_checkpoint_info(tiny, checkpoint, tmp_path, capsys):
     code, out, err = run(["info", str(checkpoint)], capsys)
     assert code == 0, err
     expected = lowbit.checkpoint_info(checkpoint)
     fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())
-    assert fields["format"] == "lowbit v1"
+    assert fields["format"] == "lowbit v2"
     assert fields["quantized"] == "14 linear layers: 3-bit g64 x14"
     assert fields["full precision"] == "lm_head"
     assert fields["method"].startswith("omniquant (nsamples 2, seqlen 32, epochs 1, lr clip=0.1")

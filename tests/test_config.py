@@ -6,6 +6,7 @@ import pytest
 
 from lowbit import QuantConfig
 from lowbit.methods import get_method
+from lowbit.overrides import Scheme
 
 
 def test_json_round_trip_keeps_every_field():
@@ -15,12 +16,14 @@ def test_json_round_trip_keeps_every_field():
     back = QuantConfig.from_json(cfg.to_json())
     assert back == cfg and isinstance(back.skip, tuple)
     assert json.loads(cfg.to_json())["skip"] == ["lm_head", "gate"]
+    # the first matching override wins: the order survives the (key-sorting) JSON
+    assert list(back.overrides) == [r"model\.layers\.0\..*", "down_proj"]
 
 
 def test_overrides_may_be_given_as_ordered_pairs():
     cfg = QuantConfig(overrides=[["down_proj", {"bits": 2}], ["mlp.down_proj", None]])
     assert list(cfg.overrides) == ["down_proj", "mlp.down_proj"]
-    assert cfg.layer_settings("model.layers.0.mlp.down_proj") == (2, 64)
+    assert cfg.scheme("model.layers.0.mlp.down_proj") == Scheme(2, 64)
 
 
 def test_unknown_fields_are_refused():
@@ -36,31 +39,21 @@ def test_unknown_fields_are_refused():
     ({"batch_size": 0}, "batch_size must be at least 1"),
     ({"epochs": -1}, "epochs must be >= 0"),
     ({"scale_dtype": "int8"}, "scale_dtype must be"),
-    ({"overrides": {"(": None}}, "not a valid regex"),
-    ({"overrides": {"q_proj": {"bitz": 2}}}, "must be None or a dict"),
-    ({"overrides": {"q_proj": {"bits": 8}}}, "bits must be 2, 3 or 4"),
+    ({"overrides": {"(": None}}, "not a valid regular expression"),  # lowbit.overrides' checks
 ])
 def test_bad_values_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**kw)
 
 
-def test_layer_settings_first_override_then_skip_then_default():
-    cfg = QuantConfig(bits=3, group_size=64, skip=("lm_head", "o_proj"), overrides={
-        r"model\.layers\.0\..*": None,
-        "down_proj": {"bits": 2},
-        "mlp.down_proj": {"bits": 4},  # never reached: the pattern above matches first
-        "q_proj": {"group_size": -1},
-        "model.layers.1.self_attn.o_proj": {"bits": 4},  # opts a skipped layer in
-    })
-    assert cfg.layer_settings("lm_head") is None
-    assert cfg.layer_settings("model.layers.2.self_attn.o_proj") is None
-    assert cfg.layer_settings("model.layers.1.self_attn.o_proj") == (4, 64)
-    assert cfg.layer_settings("model.layers.0.mlp.down_proj") is None
-    assert cfg.layer_settings("model.layers.3.mlp.down_proj") == (2, 64)
-    assert cfg.layer_settings("model.layers.3.self_attn.q_proj") == (3, -1)
-    assert cfg.layer_settings("model.layers.3.self_attn.k_proj") == (3, 64)
-    assert cfg.layer_settings("model.layers.10.self_attn.k_proj") == (3, 64)
+def test_scheme_applies_the_rule_of_lowbit_overrides_with_the_configs_settings():
+    cfg = QuantConfig(bits=2, group_size=128, skip=("gate_proj",),
+                      overrides=[["up_proj", {"bits": 4}], ["gate_proj", {"group_size": 32}]])
+    assert cfg.scheme("model.layers.0.mlp.up_proj") == Scheme(4, 128)
+    assert cfg.scheme("model.layers.0.mlp.gate_proj") == Scheme(2, 32)  # an override beats skip
+    assert cfg.scheme("lm_head") == Scheme(2, 128)  # this skip replaces the default one
+    assert cfg.scheme("model.layers.0.mlp.down_proj") == Scheme(2, 128)
+    assert QuantConfig(skip=("down_proj",)).scheme("model.layers.0.mlp.down_proj") is None
 
 
 def test_method_defaults_fill_only_what_is_left_open():

@@ -301,6 +301,16 @@ def test_permuted_layer_matches_its_dense_weight():
     x = torch.randn(5, 96)
     dense = float_weight(stored)[:, inverse]
     torch.testing.assert_close(permuted(x), x @ dense.T + stored.bias.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(permuted.dense_weight(), dense, rtol=0, atol=0)
+    # An adapter reads the permuted input; merging keeps the permutation.
+    A, B = torch.randn(4, 96) / 10, torch.randn(40, 4) / 10
+    for layer in (stored, permuted):
+        layer.attach_adapter(4, A=A, B=B)
+    torch.testing.assert_close(permuted.dense_weight(), stored.dense_weight()[:, inverse], rtol=0, atol=0)
+    merged = permuted.merge_and_requantize()
+    assert type(merged) is lowbit.PermutedQuantLinear and merged.adapter is None
+    assert torch.equal(merged.input_perm, permuted.input_perm)
+    assert torch.equal(merged.dequantize(), stored.merge_and_requantize().dequantize()[:, inverse])
     with pytest.raises(ValueError, match="permutation of 0..95"):
         permuted.load_state_dict({**permuted.state_dict(), "input_perm": torch.zeros(96, dtype=torch.int32)})
 
