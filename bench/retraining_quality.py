@@ -56,7 +56,6 @@ from lowbit.convert import linear_layers  # noqa: E402
 from lowbit.data import token_stream  # noqa: E402
 from lowbit.evaluate import dense_weights, token_perplexity  # noqa: E402
 from lowbit.methods import derive_seed  # noqa: E402
-from lowbit.nn import QuantLinear  # noqa: E402
 from quality import fmt, mean_std, metadata  # noqa: E402  (bench/ is on the path of a script in it)
 
 SETTINGS = {"w2g64": (2, 64), "w3g64": (3, 64), "w4g64": (4, 64)}
