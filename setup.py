@@ -68,12 +68,15 @@ def extension():
     from torch.utils import cpp_extension
 
     with_cuda = want_cuda(torch.version.cuda is not None, cuda_home)
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the
+    # including code is compiled with OpenMP (torch's own libgomp is the runtime).
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     srcs = sources("csrc/cpu", ".cpp") + ["csrc/torch/ops.cpp"]
     kwargs = dict(
         name="lowbit._C",
         include_dirs=[str(ROOT / "csrc" / "include")],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
     if not with_cuda:
         print("lowbit: building the CPU kernels only")
