@@ -169,13 +169,23 @@ def format_linear_row(r: LinearRow, markdown: bool = False) -> str:
     return _TEXT_ROW.format(*cells)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_linear_arguments(parser: argparse.ArgumentParser, shapes: Sequence[str], ms: Sequence[int],
                          seconds: float, threads: int | None = None) -> None:
     """The flags of a linear-table run, with the given defaults (shared by `lowbit bench`
     and bench/cpu_linear.py)."""
     parser.add_argument("--shapes", nargs="+", default=list(shapes), metavar="NxK",
                         help="weight shapes, out_features x in_features (default: %(default)s)")
-    parser.add_argument("--m", nargs="+", type=int, default=list(ms), metavar="M",
+    parser.add_argument("--m", nargs="+", type=_at_least_one, default=list(ms), metavar="M",
                         help="activation rows: 1 is token-by-token decoding (default: %(default)s)")
     parser.add_argument("--bits", nargs="+", type=int, default=list(ops.SUPPORTED_BITS),
                         choices=ops.SUPPORTED_BITS, help="bit widths (default: %(default)s)")
