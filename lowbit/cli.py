@@ -697,9 +697,10 @@ the perplexity before and after, and the speedup on this machine: greedy decodin
 
 Calibration budget: --budget quick (the default) calibrates on
 {QUICK_BUDGET['nsamples']} windows x {QUICK_BUDGET['seqlen']} tokens, {QUICK_BUDGET['epochs']} epochs per decoder block, learning rate {QUICK_CLIP_LR:g}
-for clipping logits; --budget published uses the method's own recipe (omniquant:
-128 x 2048 tokens, 20 epochs: hours on a CPU). --nsamples, --seqlen,
---epochs and --lr override either.""",
+for clipping logits (apiq: 1e-3 for its adapters; tesseraq: 1 clipping epoch, then
+4 rounding stages of 3 steps at 5e-3); --budget published uses the method's own
+recipe (omniquant: 128 x 2048 tokens, 20 epochs: hours on a CPU). --nsamples,
+--seqlen, --epochs and --lr override either.""",
         epilog="""\
 examples:
   lowbit quantize
