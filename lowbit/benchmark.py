@@ -169,13 +169,23 @@ def format_linear_row(r: LinearRow, markdown: bool = False) -> str:
     return _TEXT_ROW.format(*cells)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_linear_arguments(parser: argparse.ArgumentParser, shapes: Sequence[str], ms: Sequence[int],
                          seconds: float, threads: int | None = None) -> None:
     """The flags of a linear-table run, with the given defaults (shared by `lowbit bench`
     and bench/cpu_linear.py)."""
     parser.add_argument("--shapes", nargs="+", default=list(shapes), metavar="NxK",
                         help="weight shapes, out_features x in_features (default: %(default)s)")
-    parser.add_argument("--m", nargs="+", type=int, default=list(ms), metavar="M",
+    parser.add_argument("--m", nargs="+", type=_at_least_one, default=list(ms), metavar="M",
                         help="activation rows: 1 is token-by-token decoding (default: %(default)s)")
     parser.add_argument("--bits", nargs="+", type=int, default=list(ops.SUPPORTED_BITS),
                         choices=ops.SUPPORTED_BITS, help="bit widths (default: %(default)s)")
@@ -257,27 +267,45 @@ def linear_pass_seconds(layers: Sequence[nn.Module], seconds: float = 1.0) -> fl
     return median_seconds(one_pass, [()], seconds, min_runs=5, max_runs=200)
 
 
+class _TokenClock:
+    """A `generate` streamer that notes when each new token arrives (the first `put` is
+    the prompt)."""
+
+    def __init__(self):
+        self.arrivals: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.arrivals.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self):
+        pass
+
+
 @torch.inference_mode()
-def decode_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32) -> float:
-    """Greedy decoding rate of a causal LM, batch 1, with the KV cache: (n - 1) / (t(n) - t(1))
-    for n = `new_tokens` forced new tokens (no early stop), so the prompt's prefill cancels."""
+def decode_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32,
+                             repeats: int = 3) -> float:
+    """Greedy decoding rate of a causal LM, batch 1, with the KV cache: (n - 1) new tokens
+    over the time from the first new token to the last (so the prompt's prefill is
+    excluded), for n = `new_tokens` forced tokens (no early stop); median of `repeats` runs
+    after a warm-up."""
     from transformers import GenerationConfig
 
     if new_tokens < 2:
         raise ValueError("lowbit: decoding speed needs at least 2 new tokens")
     ids = input_ids.reshape(1, -1).to(_device_of(model))
 
-    def generate(n: int) -> float:
+    def rate(n: int) -> float:
         config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   pad_token_id=0, eos_token_id=None)
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        return time.perf_counter() - start
+        clock = _TokenClock()
+        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=clock)
+        return (len(clock.arrivals) - 1) / (clock.arrivals[-1] - clock.arrivals[0])
 
-    generate(2)  # warm-up
-    first = min(generate(1) for _ in range(2))
-    full = generate(new_tokens)
-    return (new_tokens - 1) / max(full - first, 1e-9)
+    rate(2)  # warm-up
+    return statistics.median(rate(new_tokens) for _ in range(repeats))
 
 
 def model_speed(model: nn.Module, layers: Sequence[nn.Module], input_ids: torch.Tensor,

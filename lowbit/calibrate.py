@@ -39,7 +39,7 @@ from lowbit.convert import incompatibility, linear_layers, set_submodule
 from lowbit.data import calibration_windows, check_tokens
 from lowbit.evaluate import dense_weights
 from lowbit.losses import reconstruction_loss
-from lowbit.methods import LayerSpec, Method, derive_seed, get_method
+from lowbit.methods import LayerSpec, Method, derive_seed, get_method, saliency_methods
 from lowbit.nn import QuantLinear, linear_weight
 from lowbit.resume import CheckpointStore, model_digest, settings_digest, tensor_digest
 
@@ -122,6 +122,9 @@ def quantize(
     started = time.perf_counter()
     config = config or QuantConfig()
     method_cls = get_method(config.method)
+    if config.saliency and not method_cls.uses_saliency:
+        raise ValueError(f"lowbit: {config.method} does not use saliency; methods that do: "
+                         f"{', '.join(saliency_methods()) or 'none'}")
     config = config.resolved(method_cls.defaults(config))
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("lowbit: this model already holds QuantLinear layers; quantize a full-precision model")

@@ -40,7 +40,7 @@ from lowbit.config import QuantConfig
 from lowbit.convert import incompatibility, linear_layers
 from lowbit.data import token_stream
 from lowbit.evaluate import token_perplexity
-from lowbit.methods import METHODS, get_method
+from lowbit.methods import METHODS, get_method, saliency_methods
 from lowbit.nn import QuantLinear, linear_weight
 
 DEFAULT_MODEL = assets.DEFAULT_MODEL
@@ -54,6 +54,15 @@ DEFAULT_METHOD = "omniquant"
 # rate than the published 1e-2 to move them in so few steps (docs/CALIBRATION.md).
 QUICK_BUDGET = {"nsamples": 8, "seqlen": 512, "epochs": 2}
 QUICK_CLIP_LR = 0.1
+# What the quick budget also changes for methods whose published recipe is counted in
+# steps rather than epochs, or whose other learning rates assume that recipe; these
+# are the CPU settings of bench/retraining_quality.py. tesseraq's published recipe is
+# 20 rounding thresholds x 250 steps per block: hours for SmolLM2 on a CPU.
+QUICK_METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "apiq": {"lr": {"lora": 1e-3}},
+    "tesseraq": {"stage_epochs": {"lwc": 1}, "rounding_thresholds": (0.5, 0.25, 0.1, 0.03),
+                 "rounding_steps": 3, "lr": {"rounding": 5e-3, "scale": 5e-3}},
+}
 
 NAMED_TEXTS = ("sotu", "wiki", "wikitext2", "c4")  # lowbit.assets.load_texts; other names are paths
 EVAL_SEQLEN = 512
@@ -233,18 +242,32 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
             raise UsageError(_one_line(exc)) from exc
         if "clip" in published.get("lr", {}):
             lr.setdefault("clip", QUICK_CLIP_LR)
+        quick = dict(QUICK_METHOD_SETTINGS.get(args.method, {}))
+        for group, value in quick.pop("lr", {}).items():
+            lr.setdefault(group, value)
+        settings.update(quick)
     for name in ("nsamples", "seqlen", "epochs"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.saliency:
-        if "saliency" not in {f.name for f in dataclasses.fields(QuantConfig)}:
-            raise UsageError("--saliency needs a lowbit with saliency-aware methods (apiq); this one has none")
-        settings["saliency"] = args.saliency
+        settings["saliency"] = check_saliency(args.saliency, method_cls)
     try:
         config = QuantConfig(lr=lr, **settings)
         return config.resolved(method_cls.defaults(config))
     except (ValueError, TypeError) as exc:
         raise UsageError(_one_line(exc)) from exc
+
+
+def check_saliency(saliency: bool | str, method_cls) -> bool | str:
+    """--saliency's value, refused for methods that ignore it or a directory that is missing."""
+    if not method_cls.uses_saliency:
+        users = saliency_methods()
+        raise UsageError(f"--saliency: {method_cls.name} does not use saliency"
+                         + (f"; methods that do: {', '.join(users)}" if users else ""))
+    if saliency is not True and not Path(saliency).expanduser().is_dir():
+        raise UsageError(f"--saliency {saliency}: no such directory (omit DIR to compute the saliency "
+                         "from the calibration data)")
+    return saliency if saliency is True else str(Path(saliency).expanduser())
 
 
 def grid_name(bits: int, group_size: int | None) -> str:
@@ -386,6 +409,8 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
                  f"{' + '.join(calibration)}, {config.epochs} epochs, lr {lr or 'default'}")
         if config.sw_weight:
             text += f", SW weight {config.sw_weight:g}"
+        if config.saliency:
+            text += ", saliency " + ("from the calibration data" if config.saliency is True else config.saliency)
     return text
 
 
@@ -492,6 +517,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
+        raise UsageError(f"--sample needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (0: no limit); "
+                         f"got {args.temperature:g}, {args.top_p:g}, {args.top_k}")
     device = resolve_device(args.device)
     model, tokenizer, _ = load_any(args.model, device, args.tokenizer)
     ids = prompt_ids(tokenizer, args.prompt, args.chat).to(device)
@@ -676,9 +704,10 @@ the perplexity before and after, and the speedup on this machine: greedy decodin
 
 Calibration budget: --budget quick (the default) calibrates on
 {QUICK_BUDGET['nsamples']} windows x {QUICK_BUDGET['seqlen']} tokens, {QUICK_BUDGET['epochs']} epochs per decoder block, learning rate {QUICK_CLIP_LR:g}
-for clipping logits; --budget published uses the method's own recipe (omniquant:
-128 x 2048 tokens, 20 epochs: hours on a CPU). --nsamples, --seqlen,
---epochs and --lr override either.""",
+for clipping logits (apiq: 1e-3 for its adapters; tesseraq: 1 clipping epoch, then
+4 rounding stages of 3 steps at 5e-3); --budget published uses the method's own
+recipe (omniquant: 128 x 2048 tokens, 20 epochs: hours on a CPU). --nsamples,
+--seqlen, --epochs and --lr override either.""",
         epilog="""\
 examples:
   lowbit quantize

@@ -26,7 +26,12 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"lowbit: unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
+def saliency_methods() -> list[str]:
+    """The registered methods that honour QuantConfig.saliency."""
+    return sorted(name for name, cls in METHODS.items() if cls.uses_saliency)
+
+
 for _cls in (RTN, OmniQuant, ApiQ, TesseraQ):
     register(_cls)
 
-__all__ = ["METHODS", "LayerSpec", "Method", "Stage", "derive_seed", "get_method", "register"]
+__all__ = ["METHODS", "LayerSpec", "Method", "Stage", "derive_seed", "get_method", "register", "saliency_methods"]

@@ -99,6 +99,7 @@ def saliency_penalty(saliency: torch.Tensor, w_hat: torch.Tensor, w: torch.Tenso
 
 class ApiQ(Method):
     name = "apiq"
+    uses_saliency = True
 
     @classmethod
     def defaults(cls, config):

@@ -77,6 +77,7 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = True  # False: no calibration data, no training
+    uses_saliency: ClassVar[bool] = False  # True: honours QuantConfig.saliency
 
     @classmethod
     def defaults(cls, config) -> dict[str, Any]:
