@@ -287,8 +287,6 @@ def test_quantize_tesseraq(tiny, tmp_path, capsys):
     assert float(after) == pytest.approx(ppl(lowbit.load_quantized(out), tiny), abs=0.006)
 
 
-@pytest.mark.xfail(strict=True, reason="lowbit checkpoints do not carry apiq's adapters yet: loading the saved "
-                                       "checkpoint fails on the unexpected adapter tensors")
 def test_quantize_apiq_with_saliency(tiny, tmp_path, capsys):
     out = tmp_path / "apiq"
     code, stdout, err = run(quantize_args(tiny, out, "--method", "apiq", "--saliency", "--no-bench"), capsys)
