@@ -10,6 +10,7 @@
 
 #include "lowbit/format.h"
 #include "lowbit/half.h"
+#include "lowbit/matrix.h"
 
 namespace lowbit {
 namespace binding {
@@ -36,6 +37,19 @@ inline bool is_float_dtype(at::ScalarType t) {
 
 inline DType to_dtype(at::ScalarType t) {
   return t == at::kHalf ? DType::kF16 : t == at::kBFloat16 ? DType::kBF16 : DType::kF32;
+}
+
+// The kernel cores' view of a validated weight (see check_weight).
+inline QuantMatrix quant_matrix(const at::Tensor& packed, const at::Tensor& scales,
+                                const at::Tensor& zeros, int64_t k, int64_t bits, int64_t group_size) {
+  return QuantMatrix{reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()),
+                     scales.data_ptr(),
+                     zeros.data_ptr(),
+                     to_dtype(scales.scalar_type()),
+                     packed.size(0),
+                     k,
+                     static_cast<int>(bits),
+                     group_size};
 }
 
 inline void check_packed(const at::Tensor& packed, int64_t k, int64_t bits) {

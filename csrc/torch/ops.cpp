@@ -24,19 +24,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
               "; this kernel runs on the CPU");
 }
 
-cpu::QuantMatrix quant_matrix(const at::Tensor& packed, const at::Tensor& scales,
-                              const at::Tensor& zeros, int64_t k, int64_t bits,
-                              int64_t group_size) {
-  return cpu::QuantMatrix{reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()),
-                          scales.data_ptr(),
-                          zeros.data_ptr(),
-                          to_dtype(scales.scalar_type()),
-                          packed.size(0),
-                          k,
-                          static_cast<int>(bits),
-                          group_size};
-}
-
 at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits) {
   check_bits(bits);
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "lowbit: codes must be uint8, got ",

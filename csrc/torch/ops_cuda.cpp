@@ -41,19 +41,6 @@ int sm_count(c10::DeviceIndex device) {
   return count;
 }
 
-cuda::QuantMatrix quant_matrix(const at::Tensor& packed, const at::Tensor& scales,
-                               const at::Tensor& zeros, int64_t k, int64_t bits,
-                               int64_t group_size) {
-  return cuda::QuantMatrix{reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()),
-                           scales.data_ptr(),
-                           zeros.data_ptr(),
-                           to_dtype(scales.scalar_type()),
-                           packed.size(0),
-                           k,
-                           static_cast<int>(bits),
-                           group_size};
-}
-
 int64_t in_features_of(const at::Tensor& packed, int64_t bits) {
   check_bits(bits);
   TORCH_CHECK_VALUE(packed.dim() == 2, "lowbit: packed must be 2-D, got ", packed.sizes());

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "lowbit/half.h"
+#include "lowbit/matrix.h"
 
 namespace lowbit {
 namespace cpu {
@@ -45,20 +46,7 @@ struct Serial final : Parallel {
   }
 };
 
-// One packed weight W[n, k] in the canonical layout (docs/FORMAT.md).
-struct QuantMatrix {
-  const uint32_t* packed;  // [n, words_per_row(k, bits)], rows contiguous
-  const void* scales;      // [n, k / group_size], contiguous
-  const void* zeros;       // same shape and dtype as scales
-  DType scale_dtype;
-  int64_t n;
-  int64_t k;
-  int bits;
-  int64_t group_size;
-
-  int64_t groups() const { return k / group_size; }
-  int64_t row_words() const { return words_per_row(k, bits); }
-};
+using lowbit::QuantMatrix;
 
 // Activations x[m, k] (row stride x_stride elements, unit column stride).
 struct Activations {

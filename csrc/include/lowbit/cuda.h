@@ -10,22 +10,12 @@
 
 #include "lowbit/cuda_plan.h"
 #include "lowbit/half.h"
+#include "lowbit/matrix.h"
 
 namespace lowbit {
 namespace cuda {
 
-// One packed weight W[n, k] in the canonical layout (docs/FORMAT.md), in
-// device memory: the fields of cpu::QuantMatrix.
-struct QuantMatrix {
-  const uint32_t* packed;  // [n, words_per_row(k, bits)], rows contiguous
-  const void* scales;      // [n, k / group_size], contiguous
-  const void* zeros;       // same shape and dtype as scales
-  DType scale_dtype;
-  int64_t n;
-  int64_t k;
-  int bits;
-  int64_t group_size;
-};
+using lowbit::QuantMatrix;  // in device memory
 
 // codes[n, k] (uint8, each < 2^bits) -> packed[n, words_per_row(k, bits)].
 cudaError_t pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t* packed,
