@@ -39,6 +39,22 @@ inline DType to_dtype(at::ScalarType t) {
   return t == at::kHalf ? DType::kF16 : t == at::kBFloat16 ? DType::kBF16 : DType::kF32;
 }
 
+// codes[out_features, in_features], uint8, for packing to `bits` bits.
+inline void check_codes(const at::Tensor& codes, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "lowbit: codes must be uint8, got ",
+                   codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit: codes must be 2-D [out_features, in_features], got ",
+                    codes.sizes());
+  check_in_features(codes.size(1));
+}
+
+// Every code below 2^bits (a reduction and one value read back: packing is offline).
+inline void check_code_values(const at::Tensor& c, int64_t bits) {
+  TORCH_CHECK_VALUE(c.numel() == 0 || c.max().item<uint8_t>() < (1 << bits),
+                    "lowbit: codes must be below 2^bits = ", 1 << bits);
+}
+
 // The kernel cores' view of a validated weight (see check_weight).
 inline QuantMatrix quant_matrix(const at::Tensor& packed, const at::Tensor& scales,
                                 const at::Tensor& zeros, int64_t k, int64_t bits, int64_t group_size) {

@@ -25,16 +25,10 @@ void check_cpu(const at::Tensor& t, const char* name) {
 }
 
 at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits) {
-  check_bits(bits);
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "lowbit: codes must be uint8, got ",
-                   codes.scalar_type());
-  TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit: codes must be 2-D [out_features, in_features], got ",
-                    codes.sizes());
-  check_in_features(codes.size(1));
+  check_codes(codes, bits);
   check_cpu(codes, "codes");
   const at::Tensor c = codes.contiguous();
-  TORCH_CHECK_VALUE(c.numel() == 0 || c.max().item<uint8_t>() < (1 << bits),
-                    "lowbit: codes must be below 2^bits = ", 1 << bits);
+  check_code_values(c, bits);
   at::Tensor out = new_output({c.size(0), words_per_row(c.size(1), bits)}, c.options().dtype(at::kInt));
   cpu::pack(c.data_ptr<uint8_t>(), c.size(0), c.size(1), static_cast<int>(bits),
             reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), TorchParallel());
