@@ -169,14 +169,19 @@ def format_linear_row(r: LinearRow, markdown: bool = False) -> str:
     return _TEXT_ROW.format(*cells)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, with a one-line message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def add_linear_arguments(parser: argparse.ArgumentParser, shapes: Sequence[str], ms: Sequence[int],
@@ -185,7 +190,7 @@ def add_linear_arguments(parser: argparse.ArgumentParser, shapes: Sequence[str],
     and bench/cpu_linear.py)."""
     parser.add_argument("--shapes", nargs="+", default=list(shapes), metavar="NxK",
                         help="weight shapes, out_features x in_features (default: %(default)s)")
-    parser.add_argument("--m", nargs="+", type=_at_least_one, default=list(ms), metavar="M",
+    parser.add_argument("--m", nargs="+", type=int_at_least(1), default=list(ms), metavar="M",
                         help="activation rows: 1 is token-by-token decoding (default: %(default)s)")
     parser.add_argument("--bits", nargs="+", type=int, default=list(ops.SUPPORTED_BITS),
                         choices=ops.SUPPORTED_BITS, help="bit widths (default: %(default)s)")

@@ -672,16 +672,6 @@ def _lr_entry(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected GROUP=VALUE like clip=0.1, got {text!r}") from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 _DATA_HELP = ("sotu (State of the Union speeches), wiki (Wikipedia lead summaries), wikitext2 or c4 "
               "(through `datasets`), a text file or a directory of .txt files")
@@ -731,9 +721,9 @@ examples:
                    help="calibration budget, see above (default: %(default)s)")
     g.add_argument("--calibration", nargs="+", default=["sotu"], metavar="DATA",
                    help=f"calibration texts (their calibration split): {_DATA_HELP} (default: sotu)")
-    g.add_argument("--nsamples", type=_positive, help="calibration windows")
-    g.add_argument("--seqlen", type=_positive, help="tokens per calibration window")
-    g.add_argument("--epochs", type=_positive, help="passes over the windows per decoder block")
+    g.add_argument("--nsamples", type=benchmark.int_at_least(0), help="calibration windows")
+    g.add_argument("--seqlen", type=benchmark.int_at_least(0), help="tokens per calibration window")
+    g.add_argument("--epochs", type=benchmark.int_at_least(0), help="passes over the windows per decoder block")
     g.add_argument("--lr", type=_lr_entry, action="append", default=[], metavar="GROUP=VALUE",
                    help="learning rate of a parameter group, e.g. clip=0.05 (repeatable)")
     g.add_argument("--sw-weight", type=float, default=0.0, metavar="W",
@@ -753,7 +743,7 @@ examples:
     g.add_argument("--eval-data", default="wiki", metavar="DATA",
                    help="evaluation texts (their evaluation split), as --calibration (default: wiki)")
     g.add_argument("--eval-seqlen", type=int, default=EVAL_SEQLEN, help="tokens per window (default: %(default)s)")
-    g.add_argument("--eval-windows", type=_positive, default=EVAL_WINDOWS,
+    g.add_argument("--eval-windows", type=benchmark.int_at_least(0), default=EVAL_WINDOWS,
                    help="windows to score, 0 for all (default: %(default)s)")
     g.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
                    help="time decoding and the linear layers before and after (default: on)")
@@ -789,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="evaluation", choices=assets.SPLITS,
                    help="split of a named text (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=EVAL_SEQLEN, help="tokens per window (default: %(default)s)")
-    p.add_argument("--max-windows", type=_positive, default=EVAL_WINDOWS,
+    p.add_argument("--max-windows", type=benchmark.int_at_least(0), default=EVAL_WINDOWS,
                    help="score the first N windows, 0 for all (default: %(default)s)")
     p.set_defaults(run=cmd_eval)
 

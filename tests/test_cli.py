@@ -231,7 +231,7 @@ def test_resume_directory_of_another_run_is_refused(tiny, tmp_path, capsys):
     (["--sw-weight", "2"], 1, r"sw_weight must be in \[0, 1\]"),
     (["--lr", "clip"], 2, r"expected GROUP=VALUE"),
     (["--device", "tpu"], 1, r"device"),
-    (["--epochs", "-1"], 2, r"must be >= 0"),
+    (["--epochs", "-1"], 2, r"must be at least 0"),
     (["--calibration", "no-such-file.txt"], 1, r"unknown text source 'no-such-file.txt'"),
     (["--eval-data", "no-such-file.txt"], 1, r"unknown text source"),
 ])
