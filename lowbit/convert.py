@@ -16,7 +16,6 @@ from lowbit.overrides import (
     Overrides,
     check_overrides,
     matching_override,
-    name_matches,  # noqa: F401  (its former home; used by callers)
     resolve_scheme,
 )
 from lowbit.quantizer import resolve_group_size

@@ -10,8 +10,9 @@ from helpers import rel_err
 from torch import nn
 
 import lowbit
-from lowbit.convert import linear_layers, name_matches
+from lowbit.convert import linear_layers
 from lowbit.nn import QuantLinear
+from lowbit.overrides import name_matches
 
 
 def tiny_llama():
