@@ -120,7 +120,7 @@ def quant_config(method: str, bits: int, group_size: int, seed: int, args) -> lo
 
 
 def run(args) -> dict:
-    started = time.perf_counter()
+    run_started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = [s for s in args.settings.split(",") if s]
@@ -163,7 +163,7 @@ def run(args) -> dict:
                     seconds = time.perf_counter() - started
                 record(setting, method, seed, evaluate(model, streams, args), seconds, memory.peak, report)
                 del model
-    meta = {**metadata(), "wall_s": time.perf_counter() - started}
+    meta = {**metadata(), "wall_s": time.perf_counter() - run_started}
     return {"args": vars(args), "model": str(model_dir), "results": results, "meta": meta}
 
 
