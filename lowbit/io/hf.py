@@ -1,0 +1,83 @@
+"""transformers integration: `from_pretrained` on a lowbit checkpoint.
+
+Registers a quantization config and an `HfQuantizer` under quant_method
+"lowbit". `import lowbit` arranges for this module to be imported as soon as
+transformers' quantizer registry is (see `lowbit.io.hf_hook`), so
+`AutoModelForCausalLM.from_pretrained(checkpoint)` builds the same model as
+`lowbit.load_quantized(checkpoint)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from lowbit.errors import CheckpointError
+from lowbit.io.checkpoint import (
+    QUANT_METHOD,
+    check_quantization_config,
+    install_quant_linears,
+    quant_modules,
+    recorded_settings,
+)
+from lowbit.nn.permuted import PermutedQuantLinear, check_permutation
+
+
+class LowbitConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a lowbit checkpoint (fields: docs/CHECKPOINTS.md)."""
+
+    def __init__(self, **fields: Any):
+        fields.setdefault("quant_method", QUANT_METHOD)
+        self.__dict__.update(check_quantization_config(fields))
+
+
+class LowbitHfQuantizer(HfQuantizer):
+    """Loads pre-quantized lowbit checkpoints (it does not quantize on the fly)."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        install_quant_linears(model, self.quantization_config.modules)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, module in quant_modules(model).items():
+            for tensor_name, t in [*module.named_buffers(), *module.named_parameters()]:  # adapter's too
+                key = f"{name}.{tensor_name}"
+                if t.is_meta or not getattr(t, "_is_hf_initialized", False):
+                    raise CheckpointError(f"lowbit: the checkpoint lacks tensor {key}")
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise CheckpointError(f"lowbit: checkpoint tensor {key} contains NaN or Inf values")
+            if isinstance(module, PermutedQuantLinear):
+                try:
+                    check_permutation(module.input_perm, module.in_features, f"{name}.input_perm")
+                except ValueError as exc:
+                    raise CheckpointError(str(exc)) from exc
+        model.lowbit_config = recorded_settings(self.quantization_config.to_dict())
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Registers lowbit with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LowbitConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LowbitHfQuantizer)
+
+
+register()

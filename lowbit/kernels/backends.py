@@ -1,0 +1,94 @@
+"""Which kernel runs: the CPU instruction-set variant and the CUDA linear path.
+
+Both are chosen automatically (the CPU variant from the CPU's features at load
+time, the CUDA path from the number of rows of x); the functions here report
+the choice and force another one for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from lowbit.errors import UsageError
+from lowbit.kernels.extension import extension
+
+# --- CPU kernel variant ------------------------------------------------------------------
+
+
+def cpu_isa() -> str:
+    """The CPU kernel variant in use: 'scalar', 'avx2', 'avx512' or 'avx512emu'.
+
+    'avx512emu' runs the 16-lane algorithm of the AVX-512 kernels on pairs of
+    AVX2 registers; it exists to test that algorithm on CPUs without AVX-512
+    and is used only when forced (LOWBIT_CPU_ISA or set_cpu_isa).
+    """
+    return extension.cpu_isa()
+
+
+def supported_cpu_isas() -> list[str]:
+    """CPU kernel variants that this build and this CPU can run (see cpu_isa)."""
+    return list(extension.supported_cpu_isas())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Forces a CPU kernel variant for the whole process."""
+    extension.set_cpu_isa(name)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Runs a block with the CPU kernel variant `name`, then restores the previous one."""
+    previous = cpu_isa()
+    set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(previous)
+
+
+def check_isa_from_environment() -> None:
+    """LOWBIT_CPU_ISA (read by the extension when it loads) must name a usable variant."""
+    forced = os.environ.get("LOWBIT_CPU_ISA", "").strip()
+    if forced and forced not in supported_cpu_isas():
+        raise UsageError(
+            f"LOWBIT_CPU_ISA={forced!r} cannot be used here; this build and CPU support "
+            f"{', '.join(supported_cpu_isas())}"
+        )
+
+
+# --- CUDA linear kernel ------------------------------------------------------------------
+
+CUDA_LINEAR_PATHS = ("gemv", "gemm", "dequant_matmul")
+
+
+def cuda_linear_path(rows: int, x_dtype: torch.dtype = torch.float16) -> str:
+    """The CUDA kernel `linear` runs for `rows` rows of x (all leading dimensions
+    flattened): 'gemv' (fused dequantize-GEMV, few rows), 'gemm' (fused
+    tensor-core GEMM) or 'dequant_matmul' (dequantize the weight, then cuBLAS;
+    always taken by float32 activations)."""
+    return extension.cuda_linear_path(rows, x_dtype)
+
+
+def set_cuda_linear_path(name: str) -> None:
+    """Forces one CUDA linear kernel for the whole process ('auto' restores the
+    automatic choice). For tests and benchmarks; float32 activations keep
+    'dequant_matmul', and 'gemv' refuses more than 16 rows."""
+    extension.set_cuda_linear_path(name)
+
+
+@contextlib.contextmanager
+def use_cuda_linear_path(name: str) -> Iterator[None]:
+    """Runs a block with the CUDA linear kernel `name`, then restores the previous choice."""
+    previous = extension.forced_cuda_linear_path()
+    set_cuda_linear_path(name)
+    try:
+        yield
+    finally:
+        set_cuda_linear_path(previous)
+
+
+check_isa_from_environment()
