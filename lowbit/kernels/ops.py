@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import UsageError, UsageTypeError
-from lowbit.kernels.extension import extension
-from lowbit.format import FLOAT_DTYPES, check_bits, check_group_size, check_in_features, words_per_row
+from lowbit.kernels.extension import extension  # noqa: F401  (loading it registers the kernels)
+from lowbit.format import BLOCK, FLOAT_DTYPES, check_bits, check_group_size, check_in_features, words_per_row
 
 
 # --- checks of the fake implementations (temporary) ---------------------------------------
@@ -84,7 +84,7 @@ def in_features_of(packed: torch.Tensor, bits: int) -> int:
     check_bits(bits)
     if packed.dim() != 2:
         raise UsageError(f"lowbit: packed must be 2-D, got {list(packed.shape)}")
-    return packed.shape[1] // bits * 32
+    return packed.shape[1] // bits * BLOCK
 
 
 # --- fake implementations ----------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 32  # codes per packing block; in_features is a multiple of it
+from lowbit.format import BLOCK
 
 
 def _plane_layout(bits: int) -> list[tuple[int, int]]:
