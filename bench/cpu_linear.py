@@ -13,7 +13,7 @@ autograd wrapper of the custom op, tens of microseconds per call).
     python bench/cpu_linear.py --shapes 4096x4096 --m 1 --bits 2
     python bench/cpu_linear.py --markdown             # rows for BENCHMARKS.md
 
-The measurement lives in lowbit.benchmark (also behind `lowbit bench`, whose
+The measurement lives in lowbit.eval.speed (also behind `lowbit bench`, whose
 defaults are a smaller table). Shapes are out_features x in_features (the
 orientation of nn.Linear.weight). Share the machine? Run it under
 `flock /tmp/lowbit-cpu.lock`.
@@ -27,19 +27,19 @@ from pathlib import Path
 
 # Benchmark the checkout this script belongs to, even if another lowbit is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowbit import benchmark  # noqa: E402
+from lowbit.cli import bench  # noqa: E402
 
 DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "576x576", "1536x576", "576x1536"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benchmark.add_linear_arguments(p, shapes=DEFAULT_SHAPES, ms=[1, 16, 128], seconds=0.6, threads=2)
+    bench.add_linear_arguments(p, shapes=DEFAULT_SHAPES, ms=[1, 16, 128], seconds=0.6, threads=2)
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    benchmark.run_linear_table(parse_args(argv), out=lambda line: print(line, flush=True))
+    bench.run_linear_table(parse_args(argv), out=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Quality of the calibration methods on the real model and real text.
 
-SmolLM2-135M-Instruct (lowbit.assets), every linear layer of the decoder blocks
+SmolLM2-135M-Instruct (lowbit.io.assets), every linear layer of the decoder blocks
 quantized (embeddings and lm_head stay in full precision), calibrated on State of
 the Union speeches before 2000, evaluated on the two held-out splits (the last
 3,000 Wikipedia extracts, and the speeches from 2000 on). Prints and writes a
@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
-from lowbit import assets  # noqa: E402
-from lowbit.data import sample_windows, token_stream  # noqa: E402
-from lowbit.evaluate import dense_weights, token_perplexity  # noqa: E402
+from lowbit.calib.data import sample_windows, token_stream  # noqa: E402
+from lowbit.eval.perplexity import token_perplexity  # noqa: E402
+from lowbit.io import assets  # noqa: E402
+from lowbit.nn.convert import dense_weights  # noqa: E402
 
 SETTINGS = {"w3g64": (3, 64), "w2g64": (2, 64), "w4g64": (4, 64), "w3g32": (3, 32), "w2g32": (2, 32)}
 METHODS = ("fp", "rtn", "omniquant", "omniquant-sw")

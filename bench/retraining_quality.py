@@ -1,7 +1,7 @@
 """Quality of partial retraining (apiq, with saliency and SW) and adaptive rounding
 (tesseraq, with SW) next to rtn and omniquant, under one small CPU budget.
 
-SmolLM2-135M-Instruct (lowbit.assets), every linear layer of the decoder blocks
+SmolLM2-135M-Instruct (lowbit.io.assets), every linear layer of the decoder blocks
 quantized (embeddings and lm_head stay in full precision), calibrated on State of
 the Union speeches before 2000, evaluated on the two held-out splits (the last
 3,000 Wikipedia extracts; the speeches from 2000 on) through dense dequantized
@@ -50,12 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
-from lowbit import assets  # noqa: E402
-from lowbit.blocks import decoder_blocks  # noqa: E402
-from lowbit.convert import linear_layers  # noqa: E402
-from lowbit.data import token_stream  # noqa: E402
-from lowbit.evaluate import dense_weights, token_perplexity  # noqa: E402
-from lowbit.methods import derive_seed  # noqa: E402
+from lowbit.calib.blocks import decoder_blocks  # noqa: E402
+from lowbit.calib.data import token_stream  # noqa: E402
+from lowbit.calib.seeds import derive_seed  # noqa: E402
+from lowbit.eval.perplexity import token_perplexity  # noqa: E402
+from lowbit.io import assets  # noqa: E402
+from lowbit.nn.convert import dense_weights  # noqa: E402
+from lowbit.nn.modules import linear_layers  # noqa: E402
 from quality import fmt, mean_std, metadata  # noqa: E402  (bench/ is on the path of a script in it)
 
 SETTINGS = {"w2g64": (2, 64), "w3g64": (3, 64), "w4g64": (4, 64)}

@@ -1,4 +1,4 @@
-"""pytest-benchmark suites: lowbit.ops.linear against torch.nn.functional.linear
+"""pytest-benchmark suites: lowbit.kernels.linear against torch.nn.functional.linear
 (fp32 and bf16 weights) on the CPU, cold weights (rotated over > 128 MB), in
 inference mode.
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit import ops, reference
+from lowbit import kernels
+from lowbit.kernels import reference
 
 pytestmark = pytest.mark.benchmark
 
@@ -52,7 +53,7 @@ def _calls(impl, n, k, m):
     zeros = (torch.rand(n, k // GROUP_SIZE) * (2**bits - 1)).half()
     nbytes = packed.numel() * 4 + 4 * scales.numel()
     copies = [(packed.clone(), scales.clone(), zeros.clone()) for _ in range(_copies(nbytes))]
-    return [lambda p=p, s=s, z=z: ops.linear(x, p, s, z, bits, GROUP_SIZE) for p, s, z in copies]
+    return [lambda p=p, s=s, z=z: kernels.linear(x, p, s, z, bits, GROUP_SIZE) for p, s, z in copies]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -63,6 +64,6 @@ def test_cpu_linear(benchmark, shape, m, impl):
     calls = itertools.cycle(_calls(impl, n, k, m))
     next(calls)()  # warm-up
     rounds = 30 if m == 1 else (10 if m == 16 else 4)
-    benchmark.extra_info.update(shape=shape, m=m, impl=impl, isa=ops.cpu_isa(), threads=THREADS)
+    benchmark.extra_info.update(shape=shape, m=m, impl=impl, isa=kernels.cpu_isa(), threads=THREADS)
     with torch.inference_mode():
         benchmark.pedantic(lambda: next(calls)(), rounds=rounds, iterations=1, warmup_rounds=1)

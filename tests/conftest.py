@@ -1,3 +1,10 @@
+"""Shared fixtures and the run's seeding.
+
+pytest's default ("prepend") import mode puts this directory on sys.path, so the helper
+modules here (tiny.py, helpers.py, gptq_reference.py) import by name from every test
+folder. Test file names must be unique across the folders.
+"""
+
 import os
 import random
 import zlib
@@ -43,3 +50,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """{"model": HF directory of a 2-block random Llama with its tokenizer, "text": a text
+    file, "root": their directory} (tiny.tiny_hf_directory)."""
+    from tiny import tiny_hf_directory
+
+    return tiny_hf_directory(tmp_path_factory.mktemp("tiny-hf"))

@@ -1,4 +1,4 @@
-"""A GPTQ reader and writer written from the published layout, independent of lowbit.gptq.
+"""A GPTQ reader and writer written from the published layout, independent of lowbit.io.gptq.
 
 The layout (docs/CHECKPOINTS.md, GPTQ section): `qweight` int32 [K * b / 32, N]
 holds, for each column n, the codes q[0..K-1, n] as one little-endian bit
@@ -9,7 +9,7 @@ W[k, n] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]). Version 1 stores
 z - 1 in `qzeros`.
 
 This module works bit by bit with numpy's packbits/unpackbits rather than with
-shifts and masks, so it shares no code or method with lowbit.gptq.
+shifts and masks, so it shares no code or method with lowbit.io.gptq.
 """
 
 import numpy as np

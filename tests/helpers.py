@@ -2,7 +2,7 @@
 
 import torch
 
-from lowbit import reference
+from lowbit.kernels import reference
 
 
 def random_quant_weight(n, k, bits, group_size, scale_dtype=torch.float16, device="cpu"):

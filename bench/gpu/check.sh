@@ -68,7 +68,7 @@ fi
 
 # 2. The CUDA tests (and the kernel-choice tests that run anywhere).
 part "tests" 170 "$OUT/tests.log" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider --durations=10 \
-  tests/test_cuda.py tests/test_cuda_dispatch.py
+  tests/kernels/test_cuda.py tests/kernels/test_cuda_dispatch.py
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$SUMMARY"
 
 # 3. The benchmark: ceilings, every kernel at every shape, targets.

@@ -9,7 +9,8 @@ kernels split K across blocks.
 
 import torch
 
-from lowbit import ops, reference
+from lowbit import ops
+from lowbit.kernels import reference
 
 
 def main() -> None:

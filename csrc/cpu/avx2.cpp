@@ -14,6 +14,7 @@
 #include <new>
 
 #include "lowbit/cpu.h"
+#include "lowbit/dispatch.h"
 #include "lowbit/format.h"
 #include "lowbit/half.h"
 

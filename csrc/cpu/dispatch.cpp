@@ -7,6 +7,7 @@
 
 #include "kernels.h"
 #include "lowbit/cpu.h"
+#include "lowbit/dispatch.h"
 #include "lowbit/format.h"
 
 namespace lowbit {
@@ -108,6 +109,7 @@ bool set_active_isa(Isa isa) {
 
 void pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t* packed,
           const Parallel& par) {
+  require_supported_bits(bits);
   const int64_t row_words = words_per_row(k, bits);
   for_range(par, n, 64, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) pack_row(codes + r * k, k, bits, packed + r * row_words);
@@ -116,6 +118,7 @@ void pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t* packed
 
 void unpack(const uint32_t* packed, int64_t n, int64_t k, int bits, uint8_t* codes,
             const Parallel& par) {
+  require_supported_bits(bits);
   const int64_t row_words = words_per_row(k, bits);
   for_range(par, n, 64, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) unpack_row(packed + r * row_words, k, bits, codes + r * k);
@@ -123,6 +126,7 @@ void unpack(const uint32_t* packed, int64_t n, int64_t k, int bits, uint8_t* cod
 }
 
 void dequantize(const QuantMatrix& w, void* out, DType out_dtype, const Parallel& par) {
+  require_supported_bits(w.bits);
   const int64_t groups = w.groups();
   for_range(par, w.n, 16, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> codes(static_cast<size_t>(w.k));
@@ -141,6 +145,7 @@ void dequantize(const QuantMatrix& w, void* out, DType out_dtype, const Parallel
 
 void linear(const QuantMatrix& w, const Activations& x, const void* bias, DType bias_dtype,
             void* y, DType y_dtype, const Parallel& par) {
+  require_supported_bits(w.bits);  // before the variants, some of which take any width
   const int64_t k = w.k;
   // The variants read fp32 activations: use x in place when it already is.
   std::vector<float> x_f32;

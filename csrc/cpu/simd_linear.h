@@ -4,8 +4,9 @@
 // (16 lanes). Each includes this file after switching the compile target,
 // with LOWBIT_SIMD_NAMESPACE naming its own namespace, so that no inline
 // function exists for two targets under one name. Everything this file needs
-// from the standard library must be included by the includer before the target
-// switch; nothing here instantiates a standard-library template.
+// from the standard library (and lowbit/dispatch.h, whose error path builds a
+// std::string) must be included by the includer before the target switch;
+// nothing here instantiates a standard-library function template.
 //
 // `V` provides, for kLanes fp32 lanes (F) and as many int32 lanes (I):
 //   zero, set1, load, store, add, mul, fmadd, sum (horizontal),
@@ -534,11 +535,9 @@ template <class V>
 void linear_simd(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float* y,
                  const Parallel& par) {
   if (m == 0 || w.n == 0) return;
-  switch (w.bits) {
-    case 2: linear_bits<V, 2>(w, x, m, stride, y, par); break;
-    case 3: linear_bits<V, 3>(w, x, m, stride, y, par); break;
-    default: linear_bits<V, 4>(w, x, m, stride, y, par); break;
-  }
+  dispatch_bits(w.bits, [&](auto bits) {
+    linear_bits<V, decltype(bits)::value>(w, x, m, stride, y, par);
+  });
 }
 
 }  // namespace LOWBIT_SIMD_NAMESPACE

@@ -12,6 +12,7 @@
 #include "lowbit/cuda.h"
 #include "lowbit/cuda_plan.h"
 #include "lowbit/decode.h"
+#include "lowbit/dispatch.h"
 
 namespace lowbit {
 namespace cuda {
@@ -135,6 +136,51 @@ cudaError_t run_gemm(const LinearArgs& args, float* workspace, int sm_count, cud
 cudaError_t reduce_splits(const float* workspace, int splits, int64_t m, int64_t n,
                           const void* bias, DType bias_dtype, void* y, DType y_dtype,
                           cudaStream_t stream);
+
+// The parameters of the fused linear kernels (gemv.cu, gemm.cu), passed by
+// value; `Plan` is the kernel's GemvPlan or GemmPlan.
+template <class Plan>
+struct LinearParams {
+  QuantMatrix w;
+  const uint16_t* x;
+  int64_t m;
+  int64_t x_stride;
+  const void* bias;
+  DType bias_dtype;
+  void* y;
+  float* workspace;  // [splits, m, n] fp32 partials when plan.splits > 1
+  Plan plan;
+  FastDiv blocks_per_group;
+};
+
+// What run_gemv and run_gemm share: fills the parameters, runs
+// `launch(Format{}, Bits<kBits>{}, params, stream)` (which returns the launch
+// status) for x's 16-bit format and the weight's width, then adds up the
+// split-K partials.
+template <class Plan, class Launch>
+cudaError_t run_linear(const LinearArgs& a, float* workspace, const Plan& plan, cudaStream_t stream,
+                       Launch&& launch) {
+  LinearParams<Plan> p{};
+  p.w = a.w;
+  p.x = static_cast<const uint16_t*>(a.x);
+  p.m = a.m;
+  p.x_stride = a.x_stride;
+  p.bias = a.bias;
+  p.bias_dtype = a.bias_dtype;
+  p.y = a.y;
+  p.workspace = workspace;
+  p.plan = plan;
+  p.blocks_per_group = make_fast_div(uint32_t(a.w.group_size / kBlockCodes));
+  cudaError_t status = dispatch_bits(a.w.bits, [&](auto bits) {
+    return a.x_dtype == DType::kBF16 ? launch(BF16{}, bits, p, stream)
+                                     : launch(F16{}, bits, p, stream);
+  });
+  if (status == cudaSuccess && p.plan.splits > 1) {
+    status = reduce_splits(workspace, p.plan.splits, a.m, a.w.n, a.bias, a.bias_dtype, a.y,
+                           a.x_dtype, stream);
+  }
+  return status;
+}
 
 // Blocks of a grid-stride launch over `count` items.
 inline unsigned grid_for(int64_t count, int threads) {

@@ -2,6 +2,7 @@
 // block of a row, with the index maths of format.h so that the results are
 // bit-identical to the CPU kernels'. Also the reduction of split-K partials.
 #include "common.cuh"
+#include "lowbit/dispatch.h"
 #include "lowbit/format.h"
 
 namespace lowbit {
@@ -112,11 +113,9 @@ template <class Out>
 void launch_dequantize(const QuantMatrix& w, void* out, cudaStream_t stream) {
   const FastDiv per_group = make_fast_div(uint32_t(w.group_size / kBlockCodes));
   const unsigned grid = grid_for(w.n * (w.k / kBlockCodes), kThreads);
-  switch (w.bits) {
-    case 2: dequantize_kernel<2, Out><<<grid, kThreads, 0, stream>>>(w, per_group, out); break;
-    case 3: dequantize_kernel<3, Out><<<grid, kThreads, 0, stream>>>(w, per_group, out); break;
-    default: dequantize_kernel<4, Out><<<grid, kThreads, 0, stream>>>(w, per_group, out); break;
-  }
+  dispatch_bits(w.bits, [&](auto bits) {
+    dequantize_kernel<decltype(bits)::value, Out><<<grid, kThreads, 0, stream>>>(w, per_group, out);
+  });
 }
 
 template <class Format>
@@ -135,6 +134,7 @@ __global__ void reduce_splits_kernel(const float* workspace, int splits, int64_t
 
 cudaError_t pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t* packed,
                  cudaStream_t stream) {
+  require_supported_bits(bits);
   if (n == 0) return cudaSuccess;
   pack_kernel<<<grid_for(n * (k / kBlockCodes), kThreads), kThreads, 0, stream>>>(codes, n, k,
                                                                                   bits, packed);
@@ -143,6 +143,7 @@ cudaError_t pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t*
 
 cudaError_t unpack(const uint32_t* packed, int64_t n, int64_t k, int bits, uint8_t* codes,
                    cudaStream_t stream) {
+  require_supported_bits(bits);
   if (n == 0) return cudaSuccess;
   unpack_kernel<<<grid_for(n * (k / kBlockCodes), kThreads), kThreads, 0, stream>>>(packed, n, k,
                                                                                     bits, codes);
@@ -150,6 +151,7 @@ cudaError_t unpack(const uint32_t* packed, int64_t n, int64_t k, int bits, uint8
 }
 
 cudaError_t dequantize(const QuantMatrix& w, void* out, DType out_dtype, cudaStream_t stream) {
+  require_supported_bits(w.bits);
   if (w.n == 0) return cudaSuccess;
   switch (out_dtype) {
     case DType::kF16: launch_dequantize<F16Out>(w, out, stream); break;

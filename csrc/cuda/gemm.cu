@@ -8,18 +8,7 @@ namespace lowbit {
 namespace cuda {
 namespace {
 
-struct GemmParams {
-  QuantMatrix w;
-  const uint16_t* x;
-  int64_t m;
-  int64_t x_stride;
-  const void* bias;
-  DType bias_dtype;
-  void* y;
-  float* workspace;
-  GemmPlan plan;
-  FastDiv blocks_per_group;
-};
+using GemmParams = LinearParams<GemmPlan>;
 
 // Shared-memory layout of one block: a ring of kGemmStages (x tile, packed
 // tile) pairs, then two dequantized weight tiles.
@@ -179,37 +168,15 @@ cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class Format>
-cudaError_t launch_bits(const GemmParams& p, cudaStream_t stream) {
-  switch (p.w.bits) {
-    case 2: return launch<Format, 2>(p, stream);
-    case 3: return launch<Format, 3>(p, stream);
-    default: return launch<Format, 4>(p, stream);
-  }
-}
-
 }  // namespace
 
 cudaError_t run_gemm(const LinearArgs& a, float* workspace, int sm_count, cudaStream_t stream) {
-  GemmParams p{};
-  p.w = a.w;
-  p.x = static_cast<const uint16_t*>(a.x);
-  p.m = a.m;
-  p.x_stride = a.x_stride;
-  p.bias = a.bias;
-  p.bias_dtype = a.bias_dtype;
-  p.y = a.y;
-  p.workspace = workspace;
-  p.plan = plan_gemm(a.m, a.w.n, a.w.k, sm_count);
-  p.blocks_per_group = make_fast_div(uint32_t(a.w.group_size / kBlockCodes));
-  if (p.plan.m_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
-  cudaError_t status = a.x_dtype == DType::kBF16 ? launch_bits<BF16>(p, stream)
-                                                 : launch_bits<F16>(p, stream);
-  if (status == cudaSuccess && p.plan.splits > 1) {
-    status = reduce_splits(workspace, p.plan.splits, a.m, a.w.n, a.bias, a.bias_dtype, a.y,
-                           a.x_dtype, stream);
-  }
-  return status;
+  const GemmPlan plan = plan_gemm(a.m, a.w.n, a.w.k, sm_count);
+  if (plan.m_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
+  return run_linear(a, workspace, plan, stream,
+                    [](auto format, auto bits, const GemmParams& p, cudaStream_t s) {
+                      return launch<decltype(format), decltype(bits)::value>(p, s);
+                    });
 }
 
 }  // namespace cuda

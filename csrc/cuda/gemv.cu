@@ -10,18 +10,7 @@ namespace {
 
 using decode::Chunk;
 
-struct GemvParams {
-  QuantMatrix w;
-  const uint16_t* x;
-  int64_t m;
-  int64_t x_stride;
-  const void* bias;
-  DType bias_dtype;
-  void* y;
-  float* workspace;
-  GemvPlan plan;
-  FastDiv blocks_per_group;
-};
+using GemvParams = LinearParams<GemvPlan>;
 
 // The words of one row's chunk starting at code `first` (zeros past the
 // `blocks` valid 32-code blocks).
@@ -161,7 +150,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32, kColTiles == 1 ? 2 : 1)
 }
 
 template <class Format, int kBits>
-void launch(const GemvParams& p, cudaStream_t stream) {
+cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned(p.plan.row_blocks), unsigned(p.plan.splits));
   const unsigned threads = unsigned(p.plan.warps * 32);
   if (p.m <= 8) {
@@ -169,42 +158,16 @@ void launch(const GemvParams& p, cudaStream_t stream) {
   } else {
     gemv_kernel<Format, kBits, 2><<<grid, threads, 0, stream>>>(p);
   }
-}
-
-template <class Format>
-void launch_bits(const GemvParams& p, cudaStream_t stream) {
-  switch (p.w.bits) {
-    case 2: launch<Format, 2>(p, stream); break;
-    case 3: launch<Format, 3>(p, stream); break;
-    default: launch<Format, 4>(p, stream); break;
-  }
+  return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t run_gemv(const LinearArgs& a, float* workspace, int sm_count, cudaStream_t stream) {
-  GemvParams p{};
-  p.w = a.w;
-  p.x = static_cast<const uint16_t*>(a.x);
-  p.m = a.m;
-  p.x_stride = a.x_stride;
-  p.bias = a.bias;
-  p.bias_dtype = a.bias_dtype;
-  p.y = a.y;
-  p.workspace = workspace;
-  p.plan = plan_gemv(a.w.n, a.w.k, sm_count);
-  p.blocks_per_group = make_fast_div(uint32_t(a.w.group_size / kBlockCodes));
-  if (a.x_dtype == DType::kBF16) {
-    launch_bits<BF16>(p, stream);
-  } else {
-    launch_bits<F16>(p, stream);
-  }
-  cudaError_t status = cudaGetLastError();
-  if (status == cudaSuccess && p.plan.splits > 1) {
-    status = reduce_splits(workspace, p.plan.splits, a.m, a.w.n, a.bias, a.bias_dtype, a.y,
-                           a.x_dtype, stream);
-  }
-  return status;
+  return run_linear(a, workspace, plan_gemv(a.w.n, a.w.k, sm_count), stream,
+                    [](auto format, auto bits, const GemvParams& p, cudaStream_t s) {
+                      return launch<decltype(format), decltype(bits)::value>(p, s);
+                    });
 }
 
 }  // namespace cuda

@@ -15,6 +15,7 @@ int64_t linear_workspace_bytes(LinearPath path, int64_t m, int64_t n, int64_t k,
 
 cudaError_t linear(LinearPath path, const LinearArgs& args, float* workspace, int sm_count,
                    cudaStream_t stream) {
+  require_supported_bits(args.w.bits);
   if (!path_supports(path, args.m, args.x_dtype) || path == LinearPath::kDequantMatmul) {
     return cudaErrorInvalidValue;
   }

@@ -1,12 +1,14 @@
-// Argument validation shared by the CPU and CUDA bindings of the lowbit ops.
-// lowbit/ops.py mirrors these checks, with the same messages, for the fake
-// (meta) implementations.
+// Argument validation shared by the CPU and CUDA bindings of the lowbit ops
+// and, through lowbit._C.check_* (ops.cpp), by their fake (meta)
+// implementations in lowbit/kernels/ops.py: the checks read only a tensor's
+// metadata, so real and fake tensors fail alike, with these messages.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdlib>
 #include <limits>
+#include <optional>
 
 #include "lowbit/format.h"
 #include "lowbit/half.h"
@@ -39,17 +41,37 @@ inline DType to_dtype(at::ScalarType t) {
   return t == at::kHalf ? DType::kF16 : t == at::kBFloat16 ? DType::kBF16 : DType::kF32;
 }
 
+// What the checks read of a tensor: its dtype, sizes and device. Built from a
+// real tensor by the bindings, or from Python by the fake implementations.
+// `sizes` is borrowed: its owner must outlive the check.
+struct TensorMeta {
+  at::ScalarType dtype;
+  at::IntArrayRef sizes;
+  at::Device device;
+
+  int64_t dim() const { return static_cast<int64_t>(sizes.size()); }
+  int64_t size(int64_t d) const { return sizes[static_cast<size_t>(d < 0 ? d + dim() : d)]; }
+};
+
+inline TensorMeta meta_of(const at::Tensor& t) {
+  return TensorMeta{t.scalar_type(), t.sizes(), t.device()};
+}
+
+inline std::optional<TensorMeta> meta_of(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<TensorMeta>(meta_of(*t)) : std::nullopt;
+}
+
 // codes[out_features, in_features], uint8, for packing to `bits` bits.
-inline void check_codes(const at::Tensor& codes, int64_t bits) {
+inline void check_pack(const TensorMeta& codes, int64_t bits) {
   check_bits(bits);
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "lowbit: codes must be uint8, got ",
-                   codes.scalar_type());
+  TORCH_CHECK_TYPE(codes.dtype == at::kByte, "lowbit: codes must be uint8, got ", codes.dtype);
   TORCH_CHECK_VALUE(codes.dim() == 2, "lowbit: codes must be 2-D [out_features, in_features], got ",
-                    codes.sizes());
+                    codes.sizes);
   check_in_features(codes.size(1));
 }
 
-// Every code below 2^bits (a reduction and one value read back: packing is offline).
+// Every code below 2^bits (a reduction and one value read back: packing is
+// offline). Needs the values, so the bindings check it, not the fakes.
 inline void check_code_values(const at::Tensor& c, int64_t bits) {
   TORCH_CHECK_VALUE(c.numel() == 0 || c.max().item<uint8_t>() < (1 << bits),
                     "lowbit: codes must be below 2^bits = ", 1 << bits);
@@ -68,55 +90,72 @@ inline QuantMatrix quant_matrix(const at::Tensor& packed, const at::Tensor& scal
                      group_size};
 }
 
-inline void check_packed(const at::Tensor& packed, int64_t k, int64_t bits) {
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kInt, "lowbit: packed must be int32, got ",
-                   packed.scalar_type());
+inline void check_packed(const TensorMeta& packed, int64_t k, int64_t bits) {
+  TORCH_CHECK_TYPE(packed.dtype == at::kInt, "lowbit: packed must be int32, got ", packed.dtype);
   TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(1) == words_per_row(k, bits),
                     "lowbit: packed must have shape [out_features, ", words_per_row(k, bits),
-                    "] for in_features=", k, " and bits=", bits, ", got ", packed.sizes());
+                    "] for in_features=", k, " and bits=", bits, ", got ", packed.sizes);
+}
+
+inline void check_unpack(const TensorMeta& packed, int64_t bits, int64_t in_features) {
+  check_bits(bits);
+  check_in_features(in_features);
+  check_packed(packed, in_features, bits);
+}
+
+// in_features is not stored anywhere else: it follows from packed's width.
+inline int64_t in_features_of(const TensorMeta& packed, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_VALUE(packed.dim() == 2, "lowbit: packed must be 2-D, got ", packed.sizes);
+  return packed.size(1) / bits * kBlockCodes;
 }
 
 // Validates a quantized weight W[n, k] given the in_features k it is used with.
-inline void check_weight(const at::Tensor& packed, const at::Tensor& scales,
-                         const at::Tensor& zeros, int64_t k, int64_t bits, int64_t group_size) {
+inline void check_weight(const TensorMeta& packed, const TensorMeta& scales,
+                         const TensorMeta& zeros, int64_t k, int64_t bits, int64_t group_size) {
   check_bits(bits);
   check_in_features(k);
   check_group_size(group_size, k);
   check_packed(packed, k, bits);
   const int64_t n = packed.size(0);
-  TORCH_CHECK_TYPE(is_float_dtype(scales.scalar_type()),
-                   "lowbit: scales must be float32, float16 or bfloat16, got ",
-                   scales.scalar_type());
+  TORCH_CHECK_TYPE(is_float_dtype(scales.dtype),
+                   "lowbit: scales must be float32, float16 or bfloat16, got ", scales.dtype);
   TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == k / group_size,
                     "lowbit: scales must have shape [", n, ", ", k / group_size, "], got ",
-                    scales.sizes());
-  TORCH_CHECK_TYPE(zeros.scalar_type() == scales.scalar_type(),
-                   "lowbit: zeros must have the dtype of scales (", scales.scalar_type(),
-                   "), got ", zeros.scalar_type());
-  TORCH_CHECK_VALUE(zeros.sizes() == scales.sizes(), "lowbit: zeros must have shape ",
-                    scales.sizes(), " like scales, got ", zeros.sizes());
-  TORCH_CHECK(scales.device() == packed.device() && zeros.device() == packed.device(),
-              "lowbit: packed, scales and zeros must be on one device, got ", packed.device(),
-              ", ", scales.device(), ", ", zeros.device());
+                    scales.sizes);
+  TORCH_CHECK_TYPE(zeros.dtype == scales.dtype, "lowbit: zeros must have the dtype of scales (",
+                   scales.dtype, "), got ", zeros.dtype);
+  TORCH_CHECK_VALUE(zeros.sizes == scales.sizes, "lowbit: zeros must have shape ", scales.sizes,
+                    " like scales, got ", zeros.sizes);
+  TORCH_CHECK(scales.device == packed.device && zeros.device == packed.device,
+              "lowbit: packed, scales and zeros must be on one device, got ", packed.device, ", ",
+              scales.device, ", ", zeros.device);
 }
 
-inline void check_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                         const at::Tensor& zeros, int64_t bits, int64_t group_size,
-                         const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_TYPE(is_float_dtype(x.scalar_type()),
-                   "lowbit: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+// Returns in_features.
+inline int64_t check_dequantize(const TensorMeta& packed, const TensorMeta& scales,
+                                const TensorMeta& zeros, int64_t bits, int64_t group_size) {
+  const int64_t k = in_features_of(packed, bits);
+  check_weight(packed, scales, zeros, k, bits, group_size);
+  return k;
+}
+
+inline void check_linear(const TensorMeta& x, const TensorMeta& packed, const TensorMeta& scales,
+                         const TensorMeta& zeros, int64_t bits, int64_t group_size,
+                         const std::optional<TensorMeta>& bias) {
+  TORCH_CHECK_TYPE(is_float_dtype(x.dtype), "lowbit: x must be float32, float16 or bfloat16, got ",
+                   x.dtype);
   TORCH_CHECK_VALUE(x.dim() >= 1, "lowbit: x must have at least one dimension");
   check_weight(packed, scales, zeros, x.size(-1), bits, group_size);
-  TORCH_CHECK(x.device() == packed.device(), "lowbit: x is on ", x.device(),
-              " but the weight is on ", packed.device());
+  TORCH_CHECK(x.device == packed.device, "lowbit: x is on ", x.device, " but the weight is on ",
+              packed.device);
   if (bias.has_value()) {
-    TORCH_CHECK_TYPE(is_float_dtype(bias->scalar_type()),
-                     "lowbit: bias must be float32, float16 or bfloat16, got ",
-                     bias->scalar_type());
+    TORCH_CHECK_TYPE(is_float_dtype(bias->dtype),
+                     "lowbit: bias must be float32, float16 or bfloat16, got ", bias->dtype);
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == packed.size(0),
-                      "lowbit: bias must have shape [", packed.size(0), "], got ", bias->sizes());
-    TORCH_CHECK(bias->device() == packed.device(), "lowbit: bias is on ", bias->device(),
-                " but the weight is on ", packed.device());
+                      "lowbit: bias must have shape [", packed.size(0), "], got ", bias->sizes);
+    TORCH_CHECK(bias->device == packed.device, "lowbit: bias is on ", bias->device,
+                " but the weight is on ", packed.device);
   }
 }
 

@@ -1,6 +1,7 @@
 // Which kernel the CUDA `linear` runs: lowbit::cuda::choose_linear_path, unless
-// a process-wide override (lowbit.ops.use_cuda_linear_path, for tests and
-// benchmarks) forces one. Shared by the CUDA binding and the Python module.
+// a process-wide override (lowbit.kernels.backends.use_cuda_linear_path, for
+// tests and benchmarks) forces one. Shared by the CUDA binding and the Python
+// module.
 #pragma once
 
 #include <c10/util/Exception.h>

@@ -1,9 +1,16 @@
 // Registers the lowbit ops with the PyTorch dispatcher and binds them to the
 // torch-free CPU kernels. Fake (meta) implementations and autograd formulas
-// are registered from Python (lowbit/ops.py).
+// are registered from Python (lowbit/kernels/ops.py); the fakes validate
+// through the check_* functions exported here, the checks of checks.h.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <variant>
+#include <vector>
 
 #include "checks.h"
 #include "linear_path.h"
@@ -25,7 +32,7 @@ void check_cpu(const at::Tensor& t, const char* name) {
 }
 
 at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits) {
-  check_codes(codes, bits);
+  check_pack(meta_of(codes), bits);
   check_cpu(codes, "codes");
   const at::Tensor c = codes.contiguous();
   check_code_values(c, bits);
@@ -36,9 +43,7 @@ at::Tensor pack_cpu(const at::Tensor& codes, int64_t bits) {
 }
 
 at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t in_features) {
-  check_bits(bits);
-  check_in_features(in_features);
-  check_packed(packed, in_features, bits);
+  check_unpack(meta_of(packed), bits, in_features);
   check_cpu(packed, "packed");
   const at::Tensor p = packed.contiguous();
   at::Tensor out = new_output({p.size(0), in_features}, p.options().dtype(at::kByte));
@@ -47,17 +52,10 @@ at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t in_feature
   return out;
 }
 
-// in_features is not stored anywhere else: it follows from packed's width.
-int64_t in_features_of(const at::Tensor& packed, int64_t bits) {
-  check_bits(bits);
-  TORCH_CHECK_VALUE(packed.dim() == 2, "lowbit: packed must be 2-D, got ", packed.sizes());
-  return packed.size(1) / bits * kBlockCodes;
-}
-
 at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t bits, int64_t group_size) {
-  const int64_t k = in_features_of(packed, bits);
-  check_weight(packed, scales, zeros, k, bits, group_size);
+  const int64_t k =
+      check_dequantize(meta_of(packed), meta_of(scales), meta_of(zeros), bits, group_size);
   check_cpu(packed, "packed");
   const at::Tensor p = packed.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   at::Tensor out = new_output({p.size(0), k}, s.options());
@@ -69,7 +67,8 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scales,
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                       const at::Tensor& zeros, int64_t bits, int64_t group_size,
                       const c10::optional<at::Tensor>& bias) {
-  check_linear(x, packed, scales, zeros, bits, group_size, bias);
+  check_linear(meta_of(x), meta_of(packed), meta_of(scales), meta_of(zeros), bits, group_size,
+               meta_of(bias));
   check_cpu(x, "x");
   const int64_t k = x.size(-1);
   const at::Tensor p = packed.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
@@ -84,6 +83,19 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
               b.defined() ? to_dtype(b.scalar_type()) : DType::kF32, y.data_ptr(),
               to_dtype(y.scalar_type()), TorchParallel());
   return y.view(linear_out_shape(x, p.size(0)));
+}
+
+// A tensor's metadata as the fake implementations pass it to the check_*
+// functions: (dtype, shape, device), dtype a torch.dtype, shape a sequence of
+// ints, device a string such as "cuda:0" or a torch.device.
+using PyTensorMeta =
+    std::tuple<at::ScalarType, std::vector<int64_t>, std::variant<std::string, at::Device>>;
+
+// Borrows the shape held by `t`.
+TensorMeta from_py(const PyTensorMeta& t) {
+  const auto& device = std::get<2>(t);
+  return TensorMeta{std::get<0>(t), std::get<1>(t),
+                    device.index() == 0 ? at::Device(std::get<0>(device)) : std::get<1>(device)};
 }
 
 cpu::Isa isa_from_name(const std::string& name) {
@@ -158,6 +170,65 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "forced_cuda_linear_path",
       [] { return std::string(lowbit::cuda::linear_path_name(lowbit::binding::forced_linear_path())); },
       "The forced CUDA linear kernel, or 'auto'.");
+
+  // The argument checks of the ops on tensor metadata, for the fake (meta)
+  // implementations: the kernels run the same checks, so both fail alike.
+  namespace py = pybind11;
+  using lowbit::binding::from_py;
+  using lowbit::binding::PyTensorMeta;
+  m.def(
+      "check_pack",
+      [](const PyTensorMeta& codes, int64_t bits) {
+        lowbit::binding::check_pack(from_py(codes), bits);
+      },
+      py::arg("codes"), py::arg("bits"), "Validates the arguments of lowbit::pack.");
+  m.def(
+      "check_unpack",
+      [](const PyTensorMeta& packed, int64_t bits, int64_t in_features) {
+        lowbit::binding::check_unpack(from_py(packed), bits, in_features);
+      },
+      py::arg("packed"), py::arg("bits"), py::arg("in_features"),
+      "Validates the arguments of lowbit::unpack.");
+  m.def(
+      "in_features_of",
+      [](const PyTensorMeta& packed, int64_t bits) {
+        return lowbit::binding::in_features_of(from_py(packed), bits);
+      },
+      py::arg("packed"), py::arg("bits"),
+      "The in_features of a 2-D packed weight of `bits` bits (checks bits and the rank only).");
+  m.def(
+      "check_dequantize",
+      [](const PyTensorMeta& packed, const PyTensorMeta& scales, const PyTensorMeta& zeros,
+         int64_t bits, int64_t group_size) {
+        return lowbit::binding::check_dequantize(from_py(packed), from_py(scales), from_py(zeros),
+                                                 bits, group_size);
+      },
+      py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
+      py::arg("group_size"), "Validates the arguments of lowbit::dequantize; returns in_features.");
+  m.def(
+      "check_linear",
+      [](const PyTensorMeta& x, const PyTensorMeta& packed, const PyTensorMeta& scales,
+         const PyTensorMeta& zeros, int64_t bits, int64_t group_size,
+         const std::optional<PyTensorMeta>& bias) {
+        lowbit::binding::check_linear(
+            from_py(x), from_py(packed), from_py(scales), from_py(zeros), bits, group_size,
+            bias ? std::optional<lowbit::binding::TensorMeta>(from_py(*bias)) : std::nullopt);
+      },
+      py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("bits"),
+      py::arg("group_size"), py::arg("bias") = py::none(),
+      "Validates the arguments of lowbit::linear (x's shape: only its rank and last size matter).");
+  m.def("block_size", [] { return lowbit::kBlockCodes; },
+        "Codes per packing block: in_features and group_size are multiples of it.");
+  m.def(
+      "supported_bits",
+      [] {
+        py::list widths;
+        for (int bits = 1; bits <= 8; ++bits) {
+          if (lowbit::is_supported_bits(bits)) widths.append(bits);
+        }
+        return py::tuple(widths);
+      },
+      "The bit widths the kernels support, ascending.");
   m.def("built_with_cuda", [] {
 #if defined(LOWBIT_WITH_CUDA)
     return true;

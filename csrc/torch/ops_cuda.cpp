@@ -41,14 +41,8 @@ int sm_count(c10::DeviceIndex device) {
   return count;
 }
 
-int64_t in_features_of(const at::Tensor& packed, int64_t bits) {
-  check_bits(bits);
-  TORCH_CHECK_VALUE(packed.dim() == 2, "lowbit: packed must be 2-D, got ", packed.sizes());
-  return packed.size(1) / bits * kBlockCodes;
-}
-
 at::Tensor pack_cuda(const at::Tensor& codes, int64_t bits) {
-  check_codes(codes, bits);
+  check_pack(meta_of(codes), bits);
   check_cuda(codes, "codes");
   const c10::cuda::CUDAGuard guard(codes.device());
   const at::Tensor c = codes.contiguous();
@@ -60,9 +54,7 @@ at::Tensor pack_cuda(const at::Tensor& codes, int64_t bits) {
 }
 
 at::Tensor unpack_cuda(const at::Tensor& packed, int64_t bits, int64_t in_features) {
-  check_bits(bits);
-  check_in_features(in_features);
-  check_packed(packed, in_features, bits);
+  check_unpack(meta_of(packed), bits, in_features);
   check_cuda(packed, "packed");
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor p = packed.contiguous();
@@ -75,8 +67,8 @@ at::Tensor unpack_cuda(const at::Tensor& packed, int64_t bits, int64_t in_featur
 
 at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t bits, int64_t group_size) {
-  const int64_t k = in_features_of(packed, bits);
-  check_weight(packed, scales, zeros, k, bits, group_size);
+  const int64_t k =
+      check_dequantize(meta_of(packed), meta_of(scales), meta_of(zeros), bits, group_size);
   check_cuda(packed, "packed");
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor p = packed.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
@@ -97,7 +89,8 @@ at::Tensor rows_of(const at::Tensor& x, int64_t k) {
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros, int64_t bits, int64_t group_size,
                        const c10::optional<at::Tensor>& bias) {
-  check_linear(x, packed, scales, zeros, bits, group_size, bias);
+  check_linear(meta_of(x), meta_of(packed), meta_of(scales), meta_of(zeros), bits, group_size,
+               meta_of(bias));
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t k = x.size(-1), n = packed.size(0);

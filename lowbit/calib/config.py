@@ -133,10 +133,17 @@ class QuantConfig:
         self.options = check_method_settings(self.method, self.options)
 
     def __getattr__(self, name: str) -> Any:
-        """The method's own settings read as attributes: config.lora_rank."""
+        """The method's own settings read as attributes: config.lora_rank (its `Settings`
+        default when it was not given)."""
         options = self.__dict__.get("options", {})
         if name in options:
             return options[name]
+        if "method" in self.__dict__ and not name.startswith("_"):
+            from lowbit.calib.methods import setting_default
+
+            found, value = setting_default(self.method, name)
+            if found:
+                return value
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # --- per-layer settings ------------------------------------------------------------

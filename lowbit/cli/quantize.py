@@ -230,8 +230,9 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
                  f"{' + '.join(calibration)}, {config.epochs} epochs, lr {lr or 'default'}")
         if config.sw_weight:
             text += f", SW weight {config.sw_weight:g}"
-        if config.saliency:
-            text += ", saliency " + ("from the calibration data" if config.saliency is True else config.saliency)
+        saliency = config.options.get("saliency")
+        if saliency:
+            text += ", saliency " + ("from the calibration data" if saliency is True else saliency)
     return text
 
 

@@ -56,6 +56,8 @@ struct Activations {
   int64_t stride;
 };
 
+// Each of these throws std::invalid_argument for a `bits` other than 2, 3 or 4.
+
 // codes[n, k] (uint8, each < 2^bits) -> packed[n, words_per_row(k, bits)].
 void pack(const uint8_t* codes, int64_t n, int64_t k, int bits, uint32_t* packed,
           const Parallel& par);

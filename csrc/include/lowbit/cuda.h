@@ -1,7 +1,8 @@
 // The torch-free CUDA kernel API: plain device pointers, sizes, strides and a
 // stream. The torch binding (csrc/torch/ops_cuda.cpp) is its caller. Launchers
 // only enqueue work on `stream`: they never synchronise or allocate, so they
-// can be captured in CUDA graphs. They return the launch status.
+// can be captured in CUDA graphs. They return the launch status; a `bits`
+// other than 2, 3 or 4 throws std::invalid_argument before any launch.
 #pragma once
 
 #include <cuda_runtime_api.h>

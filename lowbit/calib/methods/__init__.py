@@ -37,6 +37,15 @@ def methods_with_setting(setting: str) -> list[str]:
                   if cls.Settings is not None and setting in {f.name for f in dataclasses.fields(cls.Settings)})
 
 
+def setting_default(method: str, setting: str) -> tuple[bool, Any]:
+    """(True, the default) when `setting` is one of the method's `Settings`, else (False, None)."""
+    settings = METHODS[method].Settings if method in METHODS else None
+    for f in dataclasses.fields(settings) if settings is not None else ():
+        if f.name == setting:
+            return True, f.default
+    return False, None
+
+
 def check_method_settings(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """`options` checked against the method's `Settings` (each checks its values);
     returned as a plain dict."""
@@ -59,5 +68,5 @@ def check_method_settings(method: str, options: Mapping[str, Any]) -> dict[str, 
 for _cls in (RTN, OmniQuant, ApiQ, TesseraQ):
     register(_cls)
 
-__all__ = ["METHODS", "LayerSpec", "Method", "Stage", "check_method_settings", "get_method",
+__all__ = ["METHODS", "LayerSpec", "Method", "Stage", "check_method_settings", "get_method", "setting_default",
            "methods_with_setting", "register"]

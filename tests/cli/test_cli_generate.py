@@ -1,0 +1,44 @@
+"""`lowbit generate`: greedy and seeded sampled continuations, the speed line, refusals."""
+
+import re
+
+import torch
+from cli_tools import assert_one_line_error, run
+
+import lowbit
+
+
+def test_generate_greedy_prints_the_models_continuation_and_its_speed(tiny_hf, tiny_checkpoint, capsys):
+    prompt = "the river of"
+    code, out, err = run(["generate", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "12"], capsys)
+    assert code == 0, err
+    model = lowbit.load_quantized(tiny_checkpoint)
+    tokenizer = lowbit.load_tokenizer(tiny_checkpoint)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)
+    continuation = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    assert out == prompt + continuation + "\n"
+    n = generated.shape[1] - ids.shape[1]
+    speed = re.search(rf"\[{n} new tokens in \S+ s: (\S+) tokens/s decoding", err)
+    assert speed and float(speed.group(1)) > 0, err
+
+
+def test_generate_sampling_is_seeded(tiny_checkpoint, capsys):
+    outputs = []
+    for seed in ("1", "1", "2"):
+        code, out, err = run(["generate", str(tiny_checkpoint), "--sample", "--seed", seed, "--temperature", "1.5",
+                              "--max-new-tokens", "24"], capsys)
+        assert code == 0, err
+        outputs.append(out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+def test_generate_refusals(tiny_checkpoint, capsys):
+    code, _, err = run(["generate", str(tiny_checkpoint), "--chat"], capsys)
+    assert_one_line_error(code, err, match="no chat template")
+    code, _, err = run(["generate", str(tiny_checkpoint), "--max-new-tokens", "0"], capsys)
+    assert_one_line_error(code, err, match="--max-new-tokens must be at least 1")
+    for flag, value in (("--temperature", "0"), ("--top-p", "1.5"), ("--top-k", "-1")):
+        code, _, err = run(["generate", str(tiny_checkpoint), "--sample", flag, value], capsys)
+        assert_one_line_error(code, err, match="--sample needs --temperature > 0")

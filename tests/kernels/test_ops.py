@@ -1,0 +1,244 @@
+"""The CPU kernels against the pure-torch reference, under every CPU variant this
+machine can run, plus the ops' registration (opcheck, fake tensors, autograd)."""
+
+import pytest
+import torch
+from helpers import TOLERANCE, random_quant_weight, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit import kernels
+from lowbit.kernels import reference
+
+ISAS = kernels.supported_cpu_isas()
+BITS = [2, 3, 4]
+MS = [1, 2, 3, 7, 16, 33, 128]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with kernels.use_cpu_isa(request.param):
+        yield request.param
+
+
+def random_shape(group_size_kind):
+    """Odd N and a K that fits the requested kind of group size."""
+    n = 2 * int(torch.randint(1, 40, ())) + 1
+    g = {"g32": 32, "g64": 64, "g128": 128}.get(group_size_kind)
+    if g is None:  # per-channel
+        k = 32 * int(torch.randint(1, 24, ()))
+        return n, k, k
+    k = g * int(torch.randint(1, max(2, 1024 // g), ()))
+    return n, k, g
+
+
+# --- pack / unpack -------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    blocks=st.integers(1, 12),
+    bits=st.sampled_from(BITS),
+    data=st.data(),
+)
+def test_pack_matches_reference_and_round_trips(n, blocks, bits, data):
+    k = 32 * blocks
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(seed))
+    packed = kernels.pack(codes, bits)
+    assert packed.shape == (n, k * bits // 32)
+    assert torch.equal(packed, reference.pack(codes, bits))
+    assert torch.equal(kernels.unpack(packed, bits, k), codes)
+    assert torch.equal(reference.unpack(packed, bits, k), codes)
+
+
+def test_pack_layout_is_the_documented_one():
+    """Spot checks of docs/FORMAT.md: fields are little-endian within words, and
+    3-bit rows hold a 2-bit plane followed by a 1-bit plane."""
+    codes = torch.zeros(1, 32, dtype=torch.uint8)
+    codes[0, 1] = 3
+    assert kernels.pack(codes, 2).tolist() == [[3 << 2, 0]]
+    assert kernels.pack(codes, 4).tolist() == [[3 << 4, 0, 0, 0]]
+    codes[0, 1] = 0b101
+    codes[0, 17] = 0b110
+    assert kernels.pack(codes, 3).tolist() == [[1 << 2, 2 << 2, (1 << 1) | (1 << 17)]]
+
+
+def test_pack_rejects_codes_out_of_range():
+    codes = torch.full((2, 32), 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="below 2\\^bits"):
+        kernels.pack(codes, 2)
+
+
+# --- dequantize ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_kind", ["g32", "g64", "g128", "per-channel"])
+def test_dequantize_matches_reference(bits, scale_dtype, group_kind):
+    n, k, g = random_shape(group_kind)
+    _, packed, scales, zeros = random_quant_weight(n, k, bits, g, scale_dtype)
+    w = kernels.dequantize(packed, scales, zeros, bits, g)
+    assert w.dtype == scale_dtype and w.shape == (n, k)
+    torch.testing.assert_close(w, reference.dequantize(packed, scales, zeros, bits, g),
+                               rtol=1e-6 if scale_dtype == torch.float32 else 1e-2, atol=0)
+
+
+# --- linear --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_matches_reference(isa, m, bits, x_dtype):
+    group_kind = ["g32", "g64", "g128", "per-channel"][int(torch.randint(0, 4, ()))]
+    n, k, g = random_shape(group_kind)
+    scale_dtype = [torch.float16, torch.bfloat16, torch.float32][int(torch.randint(0, 3, ()))]
+    _, packed, scales, zeros = random_quant_weight(n, k, bits, g, scale_dtype)
+    x = torch.randn(m, k).to(x_dtype)
+    bias = torch.randn(n).to(scale_dtype) if torch.rand(()) < 0.5 else None
+    y = kernels.linear(x, packed, scales, zeros, bits, g, bias)
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    y_ref = reference.linear(x, packed, scales, zeros, bits, g, bias)
+    assert rel_err(y, y_ref) < TOLERANCE[x_dtype], (n, k, g, scale_dtype)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("layout", ["strided-k", "transposed", "3-d"])
+def test_linear_non_contiguous_and_batched_inputs(isa, bits, layout):
+    n, k, g = 37, 256, 64
+    _, packed, scales, zeros = random_quant_weight(n, k, bits, g)
+    if layout == "strided-k":
+        x = torch.randn(5, 2 * k)[:, ::2]
+    elif layout == "transposed":
+        x = torch.randn(k, 6).T
+    else:
+        x = torch.randn(3, 4, 2 * k)[:, :, k:]
+    y = kernels.linear(x, packed, scales, zeros, bits, g)
+    assert y.shape == (*x.shape[:-1], n)
+    assert rel_err(y, reference.linear(x, packed, scales, zeros, bits, g)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("shape", [(1536, 576), (577, 1536), (63, 96)], ids=str)
+def test_linear_at_model_shapes(isa, bits, m, shape):
+    """SmolLM2-135M's in_features 576 and 1536 (not multiples of the vector
+    kernels' super-blocks) and a tiny one, through the GEMV and the GEMM."""
+    n, k = shape
+    g = 32 if k == 96 else 64
+    _, packed, scales, zeros = random_quant_weight(n, k, bits, g, torch.float16)
+    x = torch.randn(m, k)
+    y = kernels.linear(x, packed, scales, zeros, bits, g)
+    assert rel_err(y, reference.linear(x, packed, scales, zeros, bits, g)) < 1e-5
+
+
+def test_every_vector_variant_is_tested_here():
+    """The 16-lane logic of the AVX-512 kernels runs (emulated) wherever AVX2 does."""
+    if "avx2" in ISAS:
+        assert "avx512emu" in ISAS
+
+
+def test_linear_of_an_empty_batch():
+    _, packed, scales, zeros = random_quant_weight(5, 64, 2, 32)
+    y = kernels.linear(torch.randn(0, 64), packed, scales, zeros, 2, 32)
+    assert y.shape == (0, 5)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def _bad_linear_inputs():
+    """(description, kwargs overrides, exception type, message fragment)."""
+    return [
+        ("bits", dict(bits=5), ValueError, "bits must be 2, 3 or 4"),
+        ("group size", dict(group_size=48), ValueError, "group_size must be a multiple of 32"),
+        ("group size not dividing K", dict(group_size=128, k=96), ValueError, "divides in_features"),
+        ("K", dict(k=40), ValueError, "in_features must be a positive multiple of 32"),
+        ("x dtype", dict(x_dtype=torch.int64), TypeError, "x must be float32"),
+        ("packed dtype", dict(packed_dtype=torch.int64), TypeError, "packed must be int32"),
+        ("packed shape", dict(packed_cols=3), ValueError, "packed must have shape"),
+        ("scales shape", dict(scales_groups=3), ValueError, "scales must have shape"),
+        ("scales dtype", dict(scales_dtype=torch.int32), TypeError, "scales must be float32"),
+        ("zeros dtype", dict(zeros_dtype=torch.float32), TypeError, "zeros must have the dtype"),
+        ("bias shape", dict(bias_len=4), ValueError, "bias must have shape"),
+    ]
+
+
+def _make_inputs(device, bits=2, group_size=32, k=64, x_dtype=torch.float32, packed_dtype=None,
+                 packed_cols=None, scales_groups=None, scales_dtype=torch.float16,
+                 zeros_dtype=None, bias_len=None):
+    n = 3
+    k_weight = k if k % 32 == 0 else 64  # a valid weight, so that x's K is what fails
+    _, packed, scales, zeros = random_quant_weight(n, k_weight, 2, 32)
+    if packed_cols is not None:
+        packed = packed[:, :packed_cols]
+    if packed_dtype is not None:
+        packed = packed.to(packed_dtype)
+    if scales_groups is not None:
+        scales, zeros = scales[:, :1].repeat(1, scales_groups), zeros[:, :1].repeat(1, scales_groups)
+    scales = scales.to(scales_dtype)
+    zeros = zeros.to(zeros_dtype or scales_dtype)
+    x = torch.randn(2, k).to(x_dtype)
+    bias = torch.randn(bias_len) if bias_len else None
+    return [t.to(device) if t is not None else None for t in (x, packed, scales, zeros)] + [
+        bits, group_size, bias.to(device) if bias is not None else None]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", _bad_linear_inputs(), ids=lambda c: c[0] if isinstance(c, tuple) else None)
+def test_linear_rejects_bad_inputs_clearly(device, case):
+    _, overrides, exc, fragment = case
+    x, packed, scales, zeros, bits, g, bias = _make_inputs(device, **overrides)
+    with pytest.raises(exc, match=fragment):
+        kernels.linear(x, packed, scales, zeros, bits, g, bias)
+
+
+def test_linear_rejects_mixed_devices():
+    _, packed, scales, zeros = random_quant_weight(3, 64, 2, 32)
+    with pytest.raises(RuntimeError, match="x is on meta but the weight is on cpu"):
+        torch.ops.lowbit.linear(torch.empty(2, 64, device="meta"), packed, scales, zeros, 2, 32)
+
+
+# --- registration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_opcheck(bits):
+    codes, packed, scales, zeros = random_quant_weight(9, 128, bits, 64)
+    x = torch.randn(3, 128, requires_grad=True)
+    bias = torch.randn(9)
+    torch.library.opcheck(torch.ops.lowbit.pack.default, (codes, bits))
+    torch.library.opcheck(torch.ops.lowbit.unpack.default, (packed, bits, 128))
+    torch.library.opcheck(torch.ops.lowbit.dequantize.default, (packed, scales, zeros, bits, 64))
+    torch.library.opcheck(torch.ops.lowbit.linear.default, (x, packed, scales, zeros, bits, 64, bias))
+    torch.library.opcheck(torch.ops.lowbit.linear.default, (x, packed, scales, zeros, bits, 64, None))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_linear_gradients_match_reference(x_dtype):
+    _, packed, scales, zeros = random_quant_weight(11, 96, 3, 32)
+    x = torch.randn(2, 5, 96).to(x_dtype).requires_grad_()
+    bias = torch.randn(11, requires_grad=True)
+    grad_y = torch.randn(2, 5, 11).to(x_dtype)
+    kernels.linear(x, packed, scales, zeros, 3, 32, bias).backward(grad_y)
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = bias.detach().clone().requires_grad_()
+    reference.linear(x_ref, packed, scales, zeros, 3, 32, bias_ref).backward(grad_y)
+    assert x.grad.dtype == x_dtype
+    assert rel_err(x.grad, x_ref.grad) < TOLERANCE[x_dtype]
+    assert rel_err(bias.grad, bias_ref.grad) < 1e-5
+    assert packed.grad is None and scales.grad is None
+
+
+def test_meta_tensors_give_shapes_and_dtypes():
+    x = torch.empty(4, 7, 256, device="meta", dtype=torch.bfloat16)
+    packed = torch.empty(33, 256 * 3 // 32, device="meta", dtype=torch.int32)
+    scales = torch.empty(33, 4, device="meta", dtype=torch.float16)
+    y = kernels.linear(x, packed, scales, scales, 3, 64)
+    assert y.shape == (4, 7, 33) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+    w = kernels.dequantize(packed, scales, scales, 3, 64)
+    assert w.shape == (33, 256) and w.dtype == torch.float16
