@@ -27,8 +27,9 @@ def test_from_linear_is_round_to_nearest(bits, group_size):
     g = 256 if group_size == -1 else group_size
     assert (q.bits, q.group_size, q.scales.dtype) == (bits, g, torch.float16)
     w = layer.weight.detach()
-    wq = q.dequantize().float()
-    # Every weight lies within half a step of its group's scale (plus fp16 rounding).
+    wq = q.dense_weight()  # exact in fp32: dequantize() would add its own fp16 rounding
+    # Every weight lies within half a step of its group's scale (plus the rounding of the
+    # scale to fp16, which stretches the grid by up to maxq * 2^-11 steps).
     step = q.scales.float().repeat_interleave(g, 1)
     assert ((wq - w).abs() <= 0.5 * step * (1 + 1e-2) + 1e-6).all()
     # Integer zeros inside the code range, codes use the full range somewhere.
