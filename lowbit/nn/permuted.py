@@ -25,18 +25,10 @@ class PermutedQuantLinear(QuantLinear):
     `dequantize()` and `codes()` return the weight in the original input order.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int | None = 64,
-        bias: bool = True,
-        dtype: torch.dtype = torch.float16,
-        device: torch.device | str | None = None,
-    ):
-        super().__init__(in_features, out_features, bits, group_size, bias, dtype, device)
-        self.register_buffer("input_perm", torch.arange(in_features, dtype=torch.int32, device=device))
+    def __init__(self, *args, **kwargs):  # QuantLinear's arguments
+        super().__init__(*args, **kwargs)
+        self.register_buffer("input_perm", torch.arange(self.in_features, dtype=torch.int32,
+                                                        device=self.packed.device))
 
     @classmethod
     def from_permuted(cls, layer: QuantLinear, input_perm: torch.Tensor) -> PermutedQuantLinear:
