@@ -31,6 +31,17 @@ def _seed_each_test(request):
     torch.manual_seed(RUN_SEED ^ zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def _exact_cpu_kernels():
+    """Tests compare modules and algorithms with fp32 references, so the CPU kernels
+    keep x in fp32 (exact mode). The integer path is tested against its own reference
+    and error bound in tests/kernels/test_ops.py, whose `isa` fixture turns it on."""
+    from lowbit import kernels
+
+    with kernels.use_cpu_exact(True):
+        yield
+
+
 def _cuda_unavailable_reason():
     if not torch.cuda.is_available():
         return "needs an NVIDIA GPU"

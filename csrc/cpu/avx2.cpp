@@ -17,6 +17,7 @@
 #include "lowbit/dispatch.h"
 #include "lowbit/format.h"
 #include "lowbit/half.h"
+#include "lowbit/q8.h"
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
@@ -75,6 +76,23 @@ struct Vec8 {
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
   }
+
+  // Integer dot products (the int8 GEMV of simd_q8_gemv.h).
+  static I zero_i() { return _mm256_setzero_si256(); }
+  static I splat_bytes(uint8_t b) { return _mm256_set1_epi8(static_cast<char>(b)); }
+  static I or_and(I a, I b, I c) { return _mm256_or_si256(a, _mm256_and_si256(b, c)); }
+  // acc + the sum of the four products u8 * s8 of each 32-bit lane. The
+  // 16-bit pair sums cannot saturate: codes are below 16, |x| below 128.
+  static I dpbusd(I acc, I u, I s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  }
+  // Byte b: the low nibble of byte b / 2 of `words` (<= 4) words at p if b is
+  // even, its high nibble if odd, in bits 0-3 (bits 4-7: garbage).
+  static I expand_nibbles(const uint32_t* p, int words) {
+    const __m128i mask = _mm_cmpgt_epi32(_mm_set1_epi32(words), _mm_setr_epi32(0, 1, 2, 3));
+    const __m256i x = _mm256_cvtepu8_epi16(_mm_maskload_epi32(reinterpret_cast<const int*>(p), mask));
+    return _mm256_or_si256(x, _mm256_slli_epi16(x, 4));
+  }
 };
 
 // 16 fp32 lanes as two AVX2 registers (lanes 0-7, 8-15), for testing the
@@ -118,6 +136,14 @@ struct Vec8x2 {
   static F permute(F v, I idx) { return {permute_half(v, idx.lo), permute_half(v, idx.hi)}; }
   static F load_f16(const uint16_t* p) { return {Vec8::load_f16(p), Vec8::load_f16(p + 8)}; }
   static F load_bf16(const uint16_t* p) { return {Vec8::load_bf16(p), Vec8::load_bf16(p + 8)}; }
+  static I zero_i() { return {Vec8::zero_i(), Vec8::zero_i()}; }
+  static I splat_bytes(uint8_t b) { return {Vec8::splat_bytes(b), Vec8::splat_bytes(b)}; }
+  static I or_and(I a, I b, I c) { return {Vec8::or_and(a.lo, b.lo, c.lo), Vec8::or_and(a.hi, b.hi, c.hi)}; }
+  static I dpbusd(I acc, I u, I s) { return {Vec8::dpbusd(acc.lo, u.lo, s.lo), Vec8::dpbusd(acc.hi, u.hi, s.hi)}; }
+  static I expand_nibbles(const uint32_t* p, int words) {
+    return {Vec8::expand_nibbles(p, words < 4 ? words : 4),
+            words > 4 ? Vec8::expand_nibbles(p + 4, words - 4) : _mm256_setzero_si256()};
+  }
 
  private:
   // Eight lanes picked from all sixteen: from v.lo where idx < 8, else v.hi.
@@ -135,6 +161,7 @@ struct Vec8x2 {
 
 #define LOWBIT_SIMD_NAMESPACE avx2
 #include "simd_linear.h"
+#include "simd_q8_gemv.h"
 #undef LOWBIT_SIMD_NAMESPACE
 
 namespace lowbit {
@@ -149,6 +176,14 @@ void linear(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride, f
 void linear_emulated16(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride,
                        float* y, const Parallel& par) {
   linear_simd<Vec8x2>(w, x, m, x_stride, y, par);
+}
+
+void linear_q8(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par) {
+  linear_q8_simd<Vec8>(w, x, y, par);
+}
+
+void linear_q8_emulated16(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par) {
+  linear_q8_simd<Vec8x2>(w, x, y, par);
 }
 
 }  // namespace avx2

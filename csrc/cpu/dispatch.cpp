@@ -9,6 +9,7 @@
 #include "lowbit/cpu.h"
 #include "lowbit/dispatch.h"
 #include "lowbit/format.h"
+#include "lowbit/q8.h"
 
 namespace lowbit {
 namespace cpu {
@@ -40,6 +41,14 @@ bool cpu_has(Isa isa) {
   }
 }
 
+bool cpu_has_vnni() {
+#if defined(LOWBIT_HAVE_AVX512)
+  return cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 Isa initial_isa() {
   const char* forced = std::getenv("LOWBIT_CPU_ISA");
   Isa isa;
@@ -64,6 +73,46 @@ LinearFn linear_for(Isa isa) {
     case Isa::kAvx512Emulated: return avx2::linear_emulated16;
 #endif
     default: return scalar::linear;
+  }
+}
+
+// The integer path of a variant, or null where it has none (scalar). AVX-512
+// CPUs without VNNI take the AVX2 one.
+LinearQ8Fn linear_q8_for(Isa isa) {
+  switch (isa) {
+#if defined(LOWBIT_HAVE_AVX512)
+    case Isa::kAvx512: return cpu_has_vnni() ? avx512vnni::linear_q8 : avx2::linear_q8;
+#endif
+#if defined(LOWBIT_HAVE_AVX2)
+    case Isa::kAvx2: return avx2::linear_q8;
+    case Isa::kAvx512Emulated: return avx2::linear_q8_emulated16;
+#endif
+    default: return nullptr;
+  }
+}
+
+std::atomic<bool>& exact_mode_slot() {
+  static std::atomic<bool> slot{[] {
+    const char* v = std::getenv("LOWBIT_CPU_EXACT");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }()};
+  return slot;
+}
+
+// The integer path for m rows, or null when the fp32 kernels run.
+LinearQ8Fn q8_path(int64_t m) {
+  if (m > kQ8MaxRows || exact_mode()) return nullptr;
+  return linear_q8_for(active_isa());
+}
+
+// x (m rows of k fp32 values, row stride `stride`) quantized by quantize_act_group.
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t stride, int8_t* q, float* scales) {
+  const int64_t groups = k / kActGroup;
+  for (int64_t mi = 0; mi < m; ++mi) {
+    for (int64_t g = 0; g < groups; ++g) {
+      scales[mi * groups + g] =
+          quantize_act_group(x + mi * stride + g * kActGroup, q + mi * k + g * kActGroup);
+    }
   }
 }
 
@@ -97,6 +146,15 @@ Isa best_supported_isa() {
     if (cpu_has(isa)) return isa;
   }
   return Isa::kScalar;
+}
+
+bool exact_mode() { return exact_mode_slot().load(); }
+
+void set_exact_mode(bool exact) { exact_mode_slot().store(exact); }
+
+const char* linear_kernel(int64_t m) {
+  if (q8_path(m) != nullptr) return "q8-gemv";
+  return m <= kGemvMaxRows ? "gemv" : "gemm";
 }
 
 Isa active_isa() { return static_cast<Isa>(active_isa_slot().load()); }
@@ -169,7 +227,14 @@ void linear(const QuantMatrix& w, const Activations& x, const void* bias, DType 
     y_f32.resize(static_cast<size_t>(x.m * w.n));
     yf = y_f32.data();
   }
-  linear_for(active_isa())(w, xf, x.m, x_stride, yf, par);
+  if (const LinearQ8Fn q8 = q8_path(x.m)) {
+    std::vector<int8_t> xq(static_cast<size_t>(x.m * k));
+    std::vector<float> xd(static_cast<size_t>(x.m * (k / kActGroup)));
+    quantize_rows(xf, x.m, k, x_stride, xq.data(), xd.data());
+    q8(w, Q8Rows{xq.data(), xd.data(), x.m}, yf, par);
+  } else {
+    linear_for(active_isa())(w, xf, x.m, x_stride, yf, par);
+  }
   if (bias == nullptr && y_dtype == DType::kF32) return;
   for_range(par, x.m * w.n, 4096, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {

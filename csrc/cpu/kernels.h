@@ -17,11 +17,28 @@
 namespace lowbit {
 namespace cpu {
 
+// Activation rows up to which the fp32 GEMV beats decoding to fp32 for the GEMM.
+constexpr int64_t kGemvMaxRows = 4;
+// Activation rows up to which the integer path is taken (outside exact mode).
+constexpr int64_t kQ8MaxRows = 4;
+
 // y[m][n] = sum_k x[m][k] * W[n][k] for fp32 activations x (row stride
 // x_stride) into fp32 y (row stride w.n), without bias. Each variant prepares
 // the activations in its own layout and splits the work with `par`.
 using LinearFn = void (*)(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride,
                           float* y, const Parallel& par);
+
+// Activation rows quantized by quantize_act_group (lowbit/q8.h): m rows of
+// w.k int8 codes and w.k / 32 scales, contiguous.
+struct Q8Rows {
+  const int8_t* q;
+  const float* scales;
+  int64_t m;
+};
+
+// y[m][n] = sum_k d[m][k / 32] * q[m][k] * W[n][k] (row stride w.n), without
+// bias: the integer path for a few activation rows.
+using LinearQ8Fn = void (*)(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par);
 
 namespace scalar {
 void linear(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride, float* y,
@@ -36,6 +53,9 @@ void linear(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride, f
 // without AVX-512 test everything of the AVX-512 variant but its intrinsics.
 void linear_emulated16(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride,
                        float* y, const Parallel& par);
+// The integer path with vpmaddubsw + vpmaddwd, on 8 lanes and on 16 emulated.
+void linear_q8(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par);
+void linear_q8_emulated16(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par);
 }  // namespace avx2
 #endif
 
@@ -44,6 +64,10 @@ namespace avx512 {
 void linear(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride, float* y,
             const Parallel& par);
 }  // namespace avx512
+// The integer path with AVX-512 VNNI (vpdpbusd); only for CPUs that have it.
+namespace avx512vnni {
+void linear_q8(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par);
+}  // namespace avx512vnni
 #endif
 
 }  // namespace cpu

@@ -340,9 +340,6 @@ void gemv_rows(const QuantMatrix& w, const RowReader<V, kBits>& reader,
   }
 }
 
-// Activation rows up to which the GEMV beats decoding to fp32 for the GEMM.
-constexpr int64_t kGemvMaxRows = 4;
-
 template <class V, int kBits>
 void gemv(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float* y,
           const Parallel& par) {

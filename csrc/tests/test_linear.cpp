@@ -5,12 +5,14 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "check.h"
 #include "lowbit/cpu.h"
 #include "lowbit/format.h"
+#include "lowbit/q8.h"
 
 using namespace lowbit;
 
@@ -50,6 +52,21 @@ struct Case {
   int64_t x_stride;  // >= k: rows of x may be padded
 };
 
+// x as the integer path sees it: d * q of each group of 32 (lowbit/q8.h).
+std::vector<double> q8_values(const std::vector<double>& x, int64_t m, int64_t k, int64_t stride) {
+  std::vector<double> out(x);
+  std::vector<float> group(kActGroup);
+  std::vector<int8_t> q(kActGroup);
+  for (int64_t mi = 0; mi < m; ++mi) {
+    for (int64_t g = 0; g < k; g += kActGroup) {
+      for (int i = 0; i < kActGroup; ++i) group[i] = float(x[mi * stride + g + i]);
+      const float d = quantize_act_group(group.data(), q.data());
+      for (int i = 0; i < kActGroup; ++i) out[mi * stride + g + i] = double(d) * q[i];
+    }
+  }
+  return out;
+}
+
 double tolerance(DType out) { return out == DType::kF32 ? 1e-5 : 1e-2; }
 
 void run_case(const Case& c, std::mt19937& rng) {
@@ -72,6 +89,9 @@ void run_case(const Case& c, std::mt19937& rng) {
 
   const cpu::QuantMatrix w{packed.data(), scales.bytes.data(), zeros.bytes.data(), c.scale_dtype,
                            c.n, c.k, c.bits, c.g};
+  // The integer path multiplies x as its 8-bit quantization: so does the reference.
+  const bool q8 = std::string(cpu::linear_kernel(c.m)) == "q8-gemv";
+  if (q8) x.values = q8_values(x.values, c.m, c.k, c.x_stride);
   cpu::linear(w, cpu::Activations{x.bytes.data(), c.x_dtype, c.m, c.x_stride},
               c.bias ? bias.bytes.data() : nullptr, c.scale_dtype, y.bytes.data(), c.x_dtype,
               ReverseChunks());
@@ -91,18 +111,35 @@ void run_case(const Case& c, std::mt19937& rng) {
     }
   }
   const double rel = std::sqrt(err / ref_norm);
-  CHECK(rel < tolerance(c.x_dtype), "isa=%s m=%ld n=%ld k=%ld g=%ld bits=%d x=%d s=%d bias=%d rel=%g",
-        cpu::isa_name(cpu::active_isa()), long(c.m), long(c.n), long(c.k), long(c.g), c.bits,
+  CHECK(rel < tolerance(c.x_dtype), "isa=%s kernel=%s m=%ld n=%ld k=%ld g=%ld bits=%d x=%d s=%d bias=%d rel=%g",
+        cpu::isa_name(cpu::active_isa()), cpu::linear_kernel(c.m), long(c.m), long(c.n), long(c.k), long(c.g), c.bits,
         int(c.x_dtype), int(c.scale_dtype), int(c.bias), rel);
 }
 
-std::vector<cpu::Isa> runnable_isas() {
-  std::vector<cpu::Isa> isas;
+// A variant this CPU runs, in exact mode or with the integer path.
+struct Kernels {
+  cpu::Isa isa;
+  bool exact;
+  void use() const {
+    CHECK(cpu::set_active_isa(isa) && cpu::active_isa() == isa);
+    cpu::set_exact_mode(exact);
+  }
+};
+
+std::vector<Kernels> runnable_kernels() {
+  std::vector<Kernels> all;
   for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512,
                        cpu::Isa::kAvx512Emulated}) {
-    if (cpu::isa_supported(isa)) isas.push_back(isa);
+    if (!cpu::isa_supported(isa)) continue;
+    all.push_back({isa, false});
+    all.push_back({isa, true});
   }
-  return isas;
+  return all;
+}
+
+void restore_default_kernels() {
+  cpu::set_exact_mode(false);
+  cpu::set_active_isa(cpu::best_supported_isa());
 }
 
 // In-features for a group size (0: per-channel): 576 and 1536 (SmolLM2-135M)
@@ -124,8 +161,8 @@ TEST(linear_matches_reference_for_every_variant) {
   std::mt19937 rng(2024);
   const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
   int count = 0;
-  for (cpu::Isa isa : runnable_isas()) {
-    CHECK(cpu::set_active_isa(isa) && cpu::active_isa() == isa);
+  for (const Kernels& kernels : runnable_kernels()) {
+    kernels.use();
     for (int bits : {2, 3, 4}) {
       for (int64_t m : {1, 2, 3, 4, 5, 7, 16, 33, 128}) {
         for (int64_t g : {32, 64, 128, 0}) {
@@ -140,14 +177,14 @@ TEST(linear_matches_reference_for_every_variant) {
       }
     }
   }
-  cpu::set_active_isa(cpu::best_supported_isa());
+  restore_default_kernels();
 }
 
 // The shapes of SmolLM2-135M's projections, fp32, through the GEMV and the GEMM.
 TEST(linear_matches_reference_at_model_shapes) {
   std::mt19937 rng(7);
-  for (cpu::Isa isa : runnable_isas()) {
-    cpu::set_active_isa(isa);
+  for (const Kernels& kernels : runnable_kernels()) {
+    kernels.use();
     for (int bits : {2, 3, 4}) {
       for (const auto& nk : {std::pair<int64_t, int64_t>{1536, 576}, {576, 1536}}) {
         for (int64_t m : {1, 16}) {
@@ -157,7 +194,19 @@ TEST(linear_matches_reference_at_model_shapes) {
       }
     }
   }
-  cpu::set_active_isa(cpu::best_supported_isa());
+  restore_default_kernels();
+}
+
+TEST(integer_path_runs_for_few_rows_outside_exact_mode) {
+  for (const Kernels& kernels : runnable_kernels()) {
+    kernels.use();
+    const bool q8 = !kernels.exact && kernels.isa != cpu::Isa::kScalar;
+    CHECK(std::string(cpu::linear_kernel(1)) == (q8 ? "q8-gemv" : "gemv"), "isa=%s exact=%d",
+          cpu::isa_name(kernels.isa), int(kernels.exact));
+    CHECK(std::string(cpu::linear_kernel(4)) == (q8 ? "q8-gemv" : "gemv"));
+    CHECK(std::string(cpu::linear_kernel(5)) == "gemm");
+  }
+  restore_default_kernels();
 }
 
 TEST(dequantize_matches_reference) {

@@ -149,6 +149,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return names;
       },
       "CPU kernel variants that this build and CPU can run.");
+  m.def("cpu_exact_mode", [] { return lowbit::cpu::exact_mode(); },
+        "Whether the CPU kernels keep x in fp32 for every number of rows.");
+  m.def("set_cpu_exact_mode", [](bool exact) { lowbit::cpu::set_exact_mode(exact); },
+        "True: fp32 activations everywhere; False: the integer path for few rows.");
+  m.def(
+      "cpu_linear_kernel",
+      [](int64_t rows) {
+        TORCH_CHECK_VALUE(rows >= 0, "lowbit: the number of rows must be >= 0, got ", rows);
+        return std::string(lowbit::cpu::linear_kernel(rows));
+      },
+      "The CPU kernel linear runs for `rows` rows of x: 'q8-gemv', 'gemv' or 'gemm'.");
   m.def(
       "cuda_linear_path",
       [](int64_t rows, at::ScalarType dtype) {

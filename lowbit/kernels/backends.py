@@ -50,6 +50,42 @@ def use_cpu_isa(name: str) -> Iterator[None]:
         set_cpu_isa(previous)
 
 
+# --- CPU activations: integer path or exact ------------------------------------------------
+
+CPU_LINEAR_KERNELS = ("q8-gemv", "gemv", "gemm")
+
+
+def cpu_linear_kernel(rows: int) -> str:
+    """The CPU kernel `linear` runs for `rows` rows of x (all leading dimensions
+    flattened): 'q8-gemv' (x quantized to int8 per 32 inputs, integer dot
+    products; few rows, outside exact mode), 'gemv' or 'gemm' (fp32 x)."""
+    return extension.cpu_linear_kernel(rows)
+
+
+def cpu_exact() -> bool:
+    """Whether the CPU kernels keep x in fp32 for every number of rows
+    (LOWBIT_CPU_EXACT=1 at import, or set_cpu_exact)."""
+    return extension.cpu_exact_mode()
+
+
+def set_cpu_exact(exact: bool) -> None:
+    """True: fp32 activations everywhere (results within fp32 rounding of the
+    reference); False (the default): the faster integer path for few rows,
+    whose error bound docs/KERNELS.md gives."""
+    extension.set_cpu_exact_mode(bool(exact))
+
+
+@contextlib.contextmanager
+def use_cpu_exact(exact: bool = True) -> Iterator[None]:
+    """Runs a block in (or out of) exact mode, then restores the previous mode."""
+    previous = cpu_exact()
+    set_cpu_exact(exact)
+    try:
+        yield
+    finally:
+        set_cpu_exact(previous)
+
+
 def check_isa_from_environment() -> None:
     """LOWBIT_CPU_ISA (read by the extension when it loads) must name a usable variant."""
     forced = os.environ.get("LOWBIT_CPU_ISA", "").strip()

@@ -64,6 +64,27 @@ def dequantize(
     return _weight_f32(packed, scales, zeros, bits, group_size).to(scales.dtype)
 
 
+ACT_GROUP = 32  # inputs per scale of the CPU integer path (csrc/include/lowbit/q8.h)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU integer path's 8-bit quantization of x [..., K], bit for bit:
+    per group of 32 inputs, d = max|x| / 127 and q = round-half-even(x / d),
+    so that x ~ d * q. Returns q (int8, [..., K]) and d (fp32, [..., K / 32]);
+    a group holding NaN or Inf gets d = NaN and q = 0."""
+    groups = x.float().reshape(*x.shape[:-1], x.shape[-1] // ACT_GROUP, ACT_GROUP)
+    amax = groups.abs().amax(-1, keepdim=True)
+    d = torch.where(torch.isfinite(amax), amax / 127, torch.nan)
+    q = torch.where(d > 0, torch.round(groups / d), 0.0)
+    return q.to(torch.int8).reshape(x.shape), d.squeeze(-1)
+
+
+def dequantize_activations(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """d * q of quantize_activations, in fp32."""
+    groups = q.float().reshape(*q.shape[:-1], q.shape[-1] // ACT_GROUP, ACT_GROUP)
+    return (groups * d.unsqueeze(-1)).reshape(q.shape)
+
+
 def linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -72,9 +93,12 @@ def linear(
     bits: int,
     group_size: int,
     bias: torch.Tensor | None = None,
+    quantize_x: bool = False,
 ) -> torch.Tensor:
-    """y = x @ W^T + bias, computed in fp32 from the fp32 dequantized weight."""
-    y = x.float() @ _weight_f32(packed, scales, zeros, bits, group_size).T
+    """y = x @ W^T + bias, computed in fp32 from the fp32 dequantized weight;
+    with quantize_x, from x as the CPU integer path sees it (quantize_activations)."""
+    xf = dequantize_activations(*quantize_activations(x)) if quantize_x else x.float()
+    y = xf @ _weight_f32(packed, scales, zeros, bits, group_size).T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

@@ -1,6 +1,10 @@
 """The CPU kernels against the pure-torch reference, under every CPU variant this
 machine can run, plus the ops' registration (opcheck, fake tensors, autograd)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import TOLERANCE, random_quant_weight, rel_err
@@ -12,13 +16,23 @@ from lowbit.kernels import reference
 
 ISAS = kernels.supported_cpu_isas()
 BITS = [2, 3, 4]
-MS = [1, 2, 3, 7, 16, 33, 128]
+MS = [1, 2, 3, 4, 7, 16, 33, 128]
+# Every variant in exact mode, and with the integer path where it has one.
+KERNELS = [(isa, exact) for isa in ISAS for exact in ((True,) if isa == "scalar" else (False, True))]
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=KERNELS, ids=lambda c: f"{c[0]}-{'exact' if c[1] else 'q8'}")
 def isa(request):
-    with kernels.use_cpu_isa(request.param):
-        yield request.param
+    name, exact = request.param
+    with kernels.use_cpu_isa(name), kernels.use_cpu_exact(exact):
+        yield name
+
+
+def reference_linear(x, *args):
+    """The reference for what the active CPU kernels compute: x quantized the
+    integer path's way where that path runs for x's number of rows."""
+    rows = x.numel() // x.shape[-1]
+    return reference.linear(x, *args, quantize_x=kernels.cpu_linear_kernel(rows) == "q8-gemv")
 
 
 def random_shape(group_size_kind):
@@ -102,7 +116,7 @@ def test_linear_matches_reference(isa, m, bits, x_dtype):
     bias = torch.randn(n).to(scale_dtype) if torch.rand(()) < 0.5 else None
     y = kernels.linear(x, packed, scales, zeros, bits, g, bias)
     assert y.dtype == x_dtype and y.shape == (m, n)
-    y_ref = reference.linear(x, packed, scales, zeros, bits, g, bias)
+    y_ref = reference_linear(x, packed, scales, zeros, bits, g, bias)
     assert rel_err(y, y_ref) < TOLERANCE[x_dtype], (n, k, g, scale_dtype)
 
 
@@ -119,7 +133,7 @@ def test_linear_non_contiguous_and_batched_inputs(isa, bits, layout):
         x = torch.randn(3, 4, 2 * k)[:, :, k:]
     y = kernels.linear(x, packed, scales, zeros, bits, g)
     assert y.shape == (*x.shape[:-1], n)
-    assert rel_err(y, reference.linear(x, packed, scales, zeros, bits, g)) < 1e-5
+    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < 1e-5
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -133,7 +147,54 @@ def test_linear_at_model_shapes(isa, bits, m, shape):
     _, packed, scales, zeros = random_quant_weight(n, k, bits, g, torch.float16)
     x = torch.randn(m, k)
     y = kernels.linear(x, packed, scales, zeros, bits, g)
-    assert rel_err(y, reference.linear(x, packed, scales, zeros, bits, g)) < 1e-5
+    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_integer_path_stays_within_its_error_bound(isa, bits, m):
+    """|y - y_exact| <= sum_k |W[n, k]| * d[k / 32] / 2 (docs/KERNELS.md), with
+    d = max|x| / 127 of each group of 32 inputs, plus fp32 rounding."""
+    n, k, g = 45, 576, 64
+    w_codes, packed, scales, zeros = random_quant_weight(n, k, bits, g, torch.float16)
+    x = torch.randn(m, k) * torch.linspace(0.1, 10, k)  # groups of very different ranges
+    y = kernels.linear(x, packed, scales, zeros, bits, g)
+    y_exact = reference.linear(x, packed, scales, zeros, bits, g).double()
+    w = reference.dequantize(packed, scales.float(), zeros.float(), bits, g).double()
+    _, d = reference.quantize_activations(x)
+    bound = 0.5 * d.double().repeat_interleave(reference.ACT_GROUP, -1) @ w.abs().T
+    error = (y.double() - y_exact).abs()
+    assert (error <= bound + 1e-5 * y_exact.abs().max()).all()
+    if kernels.cpu_linear_kernel(m) == "q8-gemv":
+        assert error.max() > 0  # the integer path ran and did quantize x
+    else:
+        assert rel_err(y, y_exact) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_give_nan_not_numbers(isa, bad):
+    _, packed, scales, zeros = random_quant_weight(7, 96, 3, 32)
+    x = torch.randn(2, 96)
+    x[0, 40] = bad
+    y = kernels.linear(x, packed, scales, zeros, 3, 32)
+    assert not torch.isfinite(y[0]).any()
+    assert torch.isfinite(y[1]).all()
+
+
+def test_quantize_activations_rounds_half_to_even():
+    x = torch.zeros(1, 64)
+    x[0, :4] = torch.tensor([127.0, 2.5, -3.5, 0.49])
+    q, d = reference.quantize_activations(x)
+    assert d.tolist() == [[1.0, 0.0]]
+    assert q[0, :4].tolist() == [127, 2, -4, 0]
+    assert not q[0, 32:].any()
+
+
+def test_exact_mode_from_the_environment():
+    code = "import lowbit.ops as o; print(o.cpu_exact(), o.cpu_linear_kernel(1))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_CPU_EXACT": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "gemv"]
 
 
 def test_every_vector_variant_is_tested_here():

@@ -5,6 +5,7 @@ import torch
 from helpers import random_quant_weight, rel_err
 from torch import nn
 
+from lowbit import kernels
 from lowbit.kernels import reference
 from lowbit.nn import QuantLinear
 from lowbit.quant.grid import default_scale_dtype
@@ -44,6 +45,20 @@ def test_forward_matches_dequantized_linear():
     # The kernel uses the exact fp32 weight, not the fp16 one `dequantize()` returns.
     expected = x @ q.to(torch.float32).dequantize().T + q.bias
     assert rel_err(q(x), expected) < 1e-5
+
+
+def test_decoding_takes_the_integer_path_by_default():
+    """One token at a time on CPU: x quantized to int8 per 32 inputs (the default
+    outside exact mode); longer inputs keep fp32 x."""
+    q = QuantLinear.from_linear(random_linear(k=576, n=99), 3, 64)
+    x = torch.randn(1, 576)
+    args = (q.packed, q.scales, q.zeros, q.bits, q.group_size, q.bias)
+    with kernels.use_cpu_exact(False):
+        assert kernels.cpu_linear_kernel(1) == "q8-gemv"
+        assert rel_err(q(x), reference.linear(x, *args, quantize_x=True)) < 1e-5
+        assert rel_err(q(x), reference.linear(x, *args)) > 1e-5
+        x_long = torch.randn(9, 576)
+        assert rel_err(q(x_long), reference.linear(x_long, *args)) < 1e-5
 
 
 def test_from_quantized_accepts_codes_or_packed():

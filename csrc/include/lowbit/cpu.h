@@ -28,6 +28,17 @@ Isa active_isa();
 // Returns false (and changes nothing) if this CPU cannot run `isa`.
 bool set_active_isa(Isa isa);
 
+// Products with few activation rows (decoding) take an integer path where the
+// variant has one (avx2, avx512, avx512emu): x is quantized to int8 in groups
+// of 32 (lowbit/q8.h) and multiplied with integer dot products, within the
+// error bound of docs/KERNELS.md. Exact mode keeps x in fp32 everywhere. Set
+// by LOWBIT_CPU_EXACT=1 at load time or by set_exact_mode.
+bool exact_mode();
+void set_exact_mode(bool exact);
+// The kernel cpu::linear runs for m activation rows under the active variant
+// and mode: "q8-gemv" (integer), "gemv" or "gemm" (fp32).
+const char* linear_kernel(int64_t m);
+
 // Runs body(begin, end) over disjoint chunks covering [0, n), possibly in
 // parallel. The torch binding maps this onto at::parallel_for.
 struct RangeFn {
