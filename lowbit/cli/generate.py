@@ -10,6 +10,7 @@ import torch
 
 from lowbit.cli.common import FORMATTER, add_model_source, load_any, resolve_device
 from lowbit.errors import UsageError
+from lowbit.kernels import backends
 
 SPEED_PROMPT = "The capital of France is"
 
@@ -85,5 +86,11 @@ def run(args: argparse.Namespace) -> int:
     rate = (n - 1) / (end - streamer.first_token_at) if n > 1 and end > streamer.first_token_at else float("nan")
     print(f"[{n} new tokens in {end - start:.2f} s: {rate:.1f} tokens/s decoding, "
           f"{ids.shape[1]}-token prompt and first token in {prefill * 1e3:.0f} ms; "
-          f"{'sampled' if args.sample else 'greedy'}, {device}]", file=sys.stderr)
+          f"{'sampled' if args.sample else 'greedy'}, {kernels_on(device)}]", file=sys.stderr)
     return 0
+
+
+def kernels_on(device: str) -> str:
+    if device != "cpu":
+        return device
+    return f"cpu, {torch.get_num_threads()} threads, {backends.describe_cpu_kernels()}"

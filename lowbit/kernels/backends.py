@@ -75,6 +75,14 @@ def set_cpu_exact(exact: bool) -> None:
     extension.set_cpu_exact_mode(bool(exact))
 
 
+def describe_cpu_kernels() -> str:
+    """One line for reports: the variant, and the kernels of decoding (one row)
+    and of prompts (many rows)."""
+    decode = cpu_linear_kernel(1)
+    x = "int8 x" if decode == "q8-gemv" else "fp32 x"
+    return f"{cpu_isa()} kernels, {decode} ({x}) at one row, {cpu_linear_kernel(64)} for prompts"
+
+
 @contextlib.contextmanager
 def use_cpu_exact(exact: bool = True) -> Iterator[None]:
     """Runs a block in (or out of) exact mode, then restores the previous mode."""
