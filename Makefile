@@ -1,6 +1,8 @@
 # The two commands of the README, and the pieces they are made of.
 #   make quantize   install, then quantize the built-in default model (`lowbit quantize`)
 #   make test       install, then run the Python and C++ test suites
+#   make bench      install, then the CPU speed table (bench/cpu_linear.py); with
+#                   LLAMACPP=/path/to/coldbench, llama.cpp's k-quants in the same run; ARGS="--m 1"
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # The torch to install when none is present (this build has CUDA 13.0 kernels
@@ -47,7 +49,7 @@ quantize: install
 	$(PYTHON) -m lowbit quantize $(ARGS)
 
 bench: install
-	$(PYTHON) bench/cpu_linear.py
+	$(PYTHON) bench/cpu_linear.py $(if $(LLAMACPP),--llamacpp $(LLAMACPP)) $(ARGS)
 
 clean:
 	rm -rf build lowbit/_C*.so

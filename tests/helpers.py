@@ -1,4 +1,7 @@
-"""Random quantized weights and error measures shared by the tests."""
+"""Random quantized weights, error measures and stand-in executables shared by the tests."""
+
+import stat
+import sys
 
 import torch
 
@@ -21,3 +24,29 @@ def rel_err(y, y_ref):
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def executable(path, python_source):
+    """Writes a Python script to `path` as an executable file; returns its path as a str."""
+    path.write_text(f"#!{sys.executable}\n{python_source}")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+# llama.cpp's coldbench, as far as its arguments and output go: 1 ms per weight bit at M = 1
+# (f32: 32 ms; a repacked layout: half its type's), times M's bit length (M = 16: 5x); no q3_K.
+_FAKE_COLDBENCH = """
+import sys
+type, n, k, ms, _, _, layout, seconds, threads = sys.argv[1:]
+if type == "q3_K":
+    sys.exit("no non-AMX extra buffer type supports mul_mat of q3_K")
+bits = {"f32": 32, "q2_K": 2, "q4_K": 4}[type] * (0.5 if layout == "repack" else 1)
+print(f"# coldbench type={type} N={n} K={k} threads={threads}")
+for m in map(int, ms.split(",")):
+    us = 1000 * bits * m.bit_length()
+    print(f"{type:<8} {layout:<8} {m:5d} {2:5d} {10:6d} {us:10.1f} {us:10.1f} {us:10.1f} 1.00 1.0 1.00e-03")
+"""
+
+
+def fake_coldbench(path):
+    return executable(path, _FAKE_COLDBENCH)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 from collections.abc import Sequence
 
 import torch
 
 from lowbit.cli.common import FORMATTER, int_at_least
+from lowbit.eval import llamacpp
 from lowbit.eval.speed import LinearRow, format_linear_header, format_linear_row, linear_table
 from lowbit.format import SUPPORTED_BITS
 from lowbit.kernels import backends
@@ -57,6 +59,10 @@ def add_linear_arguments(parser: argparse.ArgumentParser, shapes: Sequence[str],
     parser.add_argument("--min-runs", type=int, default=7, help=argparse.SUPPRESS)
     parser.add_argument("--max-runs", type=int, default=400, help=argparse.SUPPRESS)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--llamacpp", metavar="PATH", default=os.environ.get(llamacpp.ENV_VAR),
+                        help="llama.cpp's coldbench binary (ggml-coldbench anchor): adds llama.cpp's k-quants "
+                             "at matched bits, timed in the same run with the same threads (default: "
+                             f"${llamacpp.ENV_VAR} if set)")
 
 
 def run_linear_table(args: argparse.Namespace, out=print) -> list[LinearRow]:
@@ -65,16 +71,26 @@ def run_linear_table(args: argparse.Namespace, out=print) -> list[LinearRow]:
         torch.set_num_threads(args.threads)
     if args.isa:
         backends.set_cpu_isa(args.isa)
+    ggml = None
+    if args.llamacpp:
+        coldbench = llamacpp.Coldbench(args.llamacpp, torch.get_num_threads(), args.seconds, args.rotate_mb)
+        coldbench.check()
+        ggml = llamacpp.Columns(coldbench, args.m, args.bits)
     out(f"# lowbit CPU linear: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, kernels: {backends.cpu_isa()}, torch {torch.__version__}, "
         f"g{args.group_size} {args.scale_dtype} scales and zeros, fp32 activations, "
         f"weights rotated over >= {args.rotate_mb:.0f} MB, inference mode, medians")
-    out(format_linear_header(args.markdown))
-    return linear_table(
+    if ggml is not None:
+        out(ggml.describe())
+    out(format_linear_header(args.markdown, ggml.names if ggml is not None else ()))
+    rows = linear_table(
         args.shapes, args.m, args.bits, args.group_size, getattr(torch, args.scale_dtype), args.rotate_mb,
         args.seconds, args.min_runs, args.max_runs,
-        on_row=lambda r: out(format_linear_row(r, args.markdown)),
+        on_row=lambda r: out(format_linear_row(r, args.markdown, ggml(r) if ggml is not None else ())),
     )
+    for line in ggml.failures() if ggml is not None else ():
+        out(line)
+    return rows
 
 
 def add_parser(sub, common) -> None:

@@ -152,21 +152,30 @@ def linear_table(
 
 
 LINEAR_HEADER = ("shape", "M", "bits", "lowbit ms", "fp32 ms", "bf16 ms", "vs fp32", "vs bf16", "GB/s")
-_TEXT_ROW = "{:>11} {:>4} {:>4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>6}"
+_WIDTHS = (11, 4, 4, 10, 10, 10, 8, 8, 6)
+EXTRA_WIDTH = 11  # the text width of each extra column (see format_linear_header)
 
 
-def format_linear_header(markdown: bool = False) -> str:
-    if markdown:
-        return "| " + " | ".join(LINEAR_HEADER) + " |\n|" + "---|" * len(LINEAR_HEADER)
-    return _TEXT_ROW.format(*LINEAR_HEADER)
-
-
-def format_linear_row(r: LinearRow, markdown: bool = False) -> str:
-    cells = (r.shape, r.m, r.bits, f"{r.lowbit * 1e3:.3f}", f"{r.fp32 * 1e3:.3f}", f"{r.bf16 * 1e3:.3f}",
-             f"{r.fp32 / r.lowbit:.2f}x", f"{r.bf16 / r.lowbit:.2f}x", f"{r.gbps:.1f}")
+def _format_cells(cells: Sequence, markdown: bool) -> str:
     if markdown:
         return "| " + " | ".join(str(c) for c in cells) + " |"
-    return _TEXT_ROW.format(*cells)
+    widths = _WIDTHS + (EXTRA_WIDTH,) * (len(cells) - len(_WIDTHS))
+    return " ".join(f"{c!s:>{w}}" for c, w in zip(cells, widths))
+
+
+def format_linear_header(markdown: bool = False, extra: Sequence[str] = ()) -> str:
+    """The table's header; `extra` names columns appended to every row (the `extra` cells
+    of format_linear_row), each at most EXTRA_WIDTH characters in text form."""
+    header = (*LINEAR_HEADER, *extra)
+    if markdown:
+        return _format_cells(header, True) + "\n|" + "---|" * len(header)
+    return _format_cells(header, False)
+
+
+def format_linear_row(r: LinearRow, markdown: bool = False, extra: Sequence[str] = ()) -> str:
+    cells = (r.shape, r.m, r.bits, f"{r.lowbit * 1e3:.3f}", f"{r.fp32 * 1e3:.3f}", f"{r.bf16 * 1e3:.3f}",
+             f"{r.fp32 / r.lowbit:.2f}x", f"{r.bf16 / r.lowbit:.2f}x", f"{r.gbps:.1f}", *extra)
+    return _format_cells(cells, markdown)
 
 
 # --- a whole model -----------------------------------------------------------------------

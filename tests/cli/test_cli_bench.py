@@ -3,6 +3,7 @@
 import re
 
 from cli_tools import assert_one_line_error, run
+from helpers import fake_coldbench
 
 
 def test_bench_prints_a_row_per_measurement(capsys):
@@ -26,3 +27,25 @@ def test_bench_refusals(capsys):
     assert_one_line_error(code, err, match="out_features x in_features")
     code, _, err = run(["bench", "--m", "0"], capsys)
     assert_one_line_error(code, err, 2, match="--m: must be at least 1")
+
+
+def test_bench_with_llamacpp_adds_its_columns(capsys, tmp_path):
+    coldbench = fake_coldbench(tmp_path / "coldbench")
+    code, out, err = run(["bench", "--shapes", "96x256", "--m", "1", "--bits", "2", "3", "--rotate-mb", "0.5",
+                          "--seconds", "0.01", "--group-size", "32", "--llamacpp", coldbench, "--markdown"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| shape"))
+    assert header.endswith("| GB/s | ggml | ggml f32 ms | ggml ms | ggml vs f32 | repack ms | repack vs | lowbit/ggml |")
+    rows = [line.split(" | ") for line in lines if line.startswith("| 96x256")]
+    assert [r[9:12] for r in rows] == [["q2_K", "32.000", "2.000"], ["q3_K", "32.000", "-"]]
+    assert all(len(r) == header.count("|") - 1 for r in rows)
+    # the failed q3_K run: one line, after the table
+    failures = [i for i, line in enumerate(lines) if line.startswith("# llama.cpp not measured:")]
+    assert len(failures) == 1 and failures[0] > lines.index(header) + len(rows)
+    assert lines[failures[0]].startswith("# llama.cpp not measured: q3_K 96 256 1 ")
+
+
+def test_bench_refuses_a_missing_llamacpp_binary(capsys, tmp_path):
+    code, _, err = run(["bench", "--llamacpp", str(tmp_path / "coldbench")], capsys)
+    assert_one_line_error(code, err, match="coldbench is not an executable file")
