@@ -1,11 +1,12 @@
 """Perplexity of a lowbit checkpoint with the CPU integer path against fp32 activations.
 
 The integer path (x quantized to int8 per 32 inputs, `docs/KERNELS.md`) runs
-when a linear layer sees at most 4 rows, as in token-by-token decoding; a
+when a linear layer sees at most 16 rows, as in token-by-token decoding; a
 perplexity evaluation feeds whole windows, which take the exact fp32 kernels.
 To measure what the integer path does to a model's predictions, this script
-scores the same windows twice: once as usual (exact), once with every quantized
-layer fed 4 rows at a time, so that all of them go through the integer path.
+scores the same windows twice: once in exact mode, once with every quantized
+layer fed 16 rows at a time, so that all of them go through the integer path
+(x is quantized row by row, so the chunk size does not change the result).
 
     python bench/q8_perplexity.py ./smollm2-135m-w3g64
     python bench/q8_perplexity.py ./ckpt --data wiki --seqlen 512 --max-windows 16
@@ -29,7 +30,7 @@ from lowbit.cli.common import load_any, load_texts  # noqa: E402
 from lowbit.eval.perplexity import token_perplexity  # noqa: E402
 from lowbit.nn import QuantLinear  # noqa: E402
 
-ROWS = 4  # the most rows the integer path takes
+ROWS = 16  # the most rows the integer path takes
 
 
 @contextlib.contextmanager

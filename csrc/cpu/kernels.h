@@ -20,7 +20,7 @@ namespace cpu {
 // Activation rows up to which the fp32 GEMV beats decoding to fp32 for the GEMM.
 constexpr int64_t kGemvMaxRows = 4;
 // Activation rows up to which the integer path is taken (outside exact mode).
-constexpr int64_t kQ8MaxRows = 4;
+constexpr int64_t kQ8MaxRows = 16;
 
 // y[m][n] = sum_k x[m][k] * W[n][k] for fp32 activations x (row stride
 // x_stride) into fp32 y (row stride w.n), without bias. Each variant prepares

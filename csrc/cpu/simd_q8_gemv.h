@@ -171,19 +171,32 @@ void q8_rows(const QuantMatrix& w, const RowReader<V, kBits>& reader,
   }
 }
 
+// Weight rows a tile of the many-rows case keeps in L1 while every block of
+// 4 activation rows passes over them.
+constexpr int64_t kQ8TileRows = 16;
+
 template <class V, int kBits>
 void q8_gemv(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par) {
   const RowReader<V, kBits> reader(w);
   const Q8Operand<V, kBits> xo(w, x, reader.super_blocks());
   const GroupLanes<V, kBits> lanes(w, reader.super_blocks());
-  for_range(par, w.n, 16, [&](int64_t nb, int64_t ne) {
-    int64_t m0 = 0;
-    for (; m0 + 4 <= x.m; m0 += 4) q8_rows<V, kBits, 1, 4>(w, reader, lanes, xo, m0, nb, ne, y);
-    switch (x.m - m0) {
-      case 1: q8_rows<V, kBits, 4, 1>(w, reader, lanes, xo, m0, nb, ne, y); break;
-      case 2: q8_rows<V, kBits, 2, 2>(w, reader, lanes, xo, m0, nb, ne, y); break;
-      case 3: q8_rows<V, kBits, 1, 3>(w, reader, lanes, xo, m0, nb, ne, y); break;
+  for_range(par, w.n, kQ8TileRows, [&](int64_t nb, int64_t ne) {
+    switch (x.m) {
+      case 1: q8_rows<V, kBits, 4, 1>(w, reader, lanes, xo, 0, nb, ne, y); return;
+      case 2: q8_rows<V, kBits, 2, 2>(w, reader, lanes, xo, 0, nb, ne, y); return;
+      case 3: q8_rows<V, kBits, 1, 3>(w, reader, lanes, xo, 0, nb, ne, y); return;
       default: break;
+    }
+    for (int64_t tb = nb; tb < ne; tb += kQ8TileRows) {
+      const int64_t te = min64(ne, tb + kQ8TileRows);
+      int64_t m0 = 0;
+      for (; m0 + 4 <= x.m; m0 += 4) q8_rows<V, kBits, 1, 4>(w, reader, lanes, xo, m0, tb, te, y);
+      switch (x.m - m0) {
+        case 1: q8_rows<V, kBits, 1, 1>(w, reader, lanes, xo, m0, tb, te, y); break;
+        case 2: q8_rows<V, kBits, 1, 2>(w, reader, lanes, xo, m0, tb, te, y); break;
+        case 3: q8_rows<V, kBits, 1, 3>(w, reader, lanes, xo, m0, tb, te, y); break;
+        default: break;
+      }
     }
   });
 }

@@ -164,7 +164,7 @@ TEST(linear_matches_reference_for_every_variant) {
   for (const Kernels& kernels : runnable_kernels()) {
     kernels.use();
     for (int bits : {2, 3, 4}) {
-      for (int64_t m : {1, 2, 3, 4, 5, 7, 16, 33, 128}) {
+      for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 16, 33, 128}) {
         for (int64_t g : {32, 64, 128, 0}) {
           const std::vector<int64_t> ks = in_features_for(g);
           const int64_t k = ks[rng() % ks.size()];
@@ -201,10 +201,11 @@ TEST(integer_path_runs_for_few_rows_outside_exact_mode) {
   for (const Kernels& kernels : runnable_kernels()) {
     kernels.use();
     const bool q8 = !kernels.exact && kernels.isa != cpu::Isa::kScalar;
-    CHECK(std::string(cpu::linear_kernel(1)) == (q8 ? "q8-gemv" : "gemv"), "isa=%s exact=%d",
-          cpu::isa_name(kernels.isa), int(kernels.exact));
-    CHECK(std::string(cpu::linear_kernel(4)) == (q8 ? "q8-gemv" : "gemv"));
-    CHECK(std::string(cpu::linear_kernel(5)) == "gemm");
+    for (int64_t m : {1, 2, 3, 4}) {
+      CHECK(std::string(cpu::linear_kernel(m)) == (q8 ? "q8-gemv" : "gemv"), "isa=%s exact=%d m=%ld",
+            cpu::isa_name(kernels.isa), int(kernels.exact), long(m));
+    }
+    CHECK(std::string(cpu::linear_kernel(1000)) == "gemm");
   }
   restore_default_kernels();
 }
