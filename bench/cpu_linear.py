@@ -25,7 +25,9 @@ the same threads, time budget and rotation: ggml's f32 matmul and the k-quant of
 each bit width (2-bit Q2_K, 3-bit Q3_K, 4-bit Q4_K), plain and, at M > 1,
 repacked (Q2_K, Q4_K). The extra columns give llama.cpp's speedups over its own
 f32 next to lowbit's over fp32 F.linear, and lowbit's time over llama.cpp's.
-`make bench LLAMACPP=/path/to/coldbench` runs the full table with them.
+`make bench LLAMACPP=/path/to/coldbench` runs the full table with them;
+`COLDBENCH_SRC=/path/to/coldbench.cpp bench/llamacpp_decode.sh MODEL_DIR WORK_DIR`
+builds the binary (WORK_DIR/coldbench) with llama.cpp.
 """
 
 from __future__ import annotations
