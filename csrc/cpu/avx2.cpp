@@ -32,6 +32,15 @@ namespace avx2 {
 
 // 8 fp32 lanes in one AVX2 register.
 struct Vec8 {
+  struct Halves {
+    alignas(16) uint16_t v[8];
+  };
+  static Halves padded(const uint16_t* p, int count) {
+    Halves h = {};
+    for (int i = 0; i < count; ++i) h.v[i] = p[i];
+    return h;
+  }
+
   static constexpr int kLanes = 8;
   static constexpr int kGemmRows = 6;  // 6 x 16 micro-tile: 12 accumulators of 16 registers
   using F = __m256;
@@ -76,6 +85,11 @@ struct Vec8 {
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
   }
+
+  // The first `count` (< 8) values, the other lanes zero, without reading past
+  // them (AVX2 has no 16-bit masked load: through a zero-padded copy).
+  static F load_f16_partial(const uint16_t* p, int count) { return load_f16(padded(p, count).v); }
+  static F load_bf16_partial(const uint16_t* p, int count) { return load_bf16(padded(p, count).v); }
 
   // Integer dot products (the int8 GEMV of simd_q8_gemv.h).
   static I zero_i() { return _mm256_setzero_si256(); }
@@ -136,6 +150,14 @@ struct Vec8x2 {
   static F permute(F v, I idx) { return {permute_half(v, idx.lo), permute_half(v, idx.hi)}; }
   static F load_f16(const uint16_t* p) { return {Vec8::load_f16(p), Vec8::load_f16(p + 8)}; }
   static F load_bf16(const uint16_t* p) { return {Vec8::load_bf16(p), Vec8::load_bf16(p + 8)}; }
+  static F load_f16_partial(const uint16_t* p, int count) {
+    return count <= 8 ? F{Vec8::load_f16_partial(p, count), Vec8::zero()}
+                      : F{Vec8::load_f16(p), Vec8::load_f16_partial(p + 8, count - 8)};
+  }
+  static F load_bf16_partial(const uint16_t* p, int count) {
+    return count <= 8 ? F{Vec8::load_bf16_partial(p, count), Vec8::zero()}
+                      : F{Vec8::load_bf16(p), Vec8::load_bf16_partial(p + 8, count - 8)};
+  }
   static I zero_i() { return {Vec8::zero_i(), Vec8::zero_i()}; }
   static I splat_bytes(uint8_t b) { return {Vec8::splat_bytes(b), Vec8::splat_bytes(b)}; }
   static I or_and(I a, I b, I c) { return {Vec8::or_and(a.lo, b.lo, c.lo), Vec8::or_and(a.hi, b.hi, c.hi)}; }

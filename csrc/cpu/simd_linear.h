@@ -10,11 +10,12 @@
 //
 // `V` provides, for kLanes fp32 lanes (F) and as many int32 lanes (I):
 //   zero, set1, load, store, add, mul, fmadd, sum (horizontal),
+//   load_f16/load_bf16 and their _partial forms (the first `count` values),
 //   load_i (kLanes words), load_i_partial (the first `count` words, the other
 //   lanes zero; tail super-blocks), srli16, spread_pairs (lane l gets the 16 bits of word l / 2
 //   that start at bit 16 * (l % 2)), to_float (int32 -> fp32), permute (lane l
-//   gets lane idx[l]), load_f16, load_bf16, and kGemmRows (weight rows per
-//   GEMM micro-tile).
+//   gets lane idx[l]), and kGemmRows (weight rows per GEMM micro-tile).
+//   simd_q8_gemv.h adds the integer operations it lists.
 //
 // Decoding ("a lane is a word"). A super-block is kLanes consecutive words of
 // a plane; lane l holds word l. Vector j of the super-block masks the same
@@ -156,25 +157,23 @@ struct GroupLanes {
   }
 };
 
-// count values of dtype t starting at src[i0], to fp32.
+// count values of dtype t starting at src[i0], to fp32. dst must have room
+// for count rounded up to a multiple of kLanes: a 16-bit tail is converted
+// (zero-padded) and stored as a whole vector.
 template <class V>
 void load_floats(const void* src, DType t, int64_t i0, int64_t count, float* dst) {
   constexpr int L = V::kLanes;
-  int64_t i = 0;
   if (t == DType::kF32) {
     std::memcpy(dst, static_cast<const float*>(src) + i0, static_cast<size_t>(count) * 4);
     return;
   }
+  const bool f16 = t == DType::kF16;
   const uint16_t* s = static_cast<const uint16_t*>(src) + i0;
-  for (; i + L <= count; i += L) {
-    V::store(dst + i, t == DType::kF16 ? V::load_f16(s + i) : V::load_bf16(s + i));
-  }
-  if (i < count) {  // the tail through a zero-padded vector
-    alignas(64) uint16_t in[L] = {};
-    alignas(64) float out[L];
-    std::memcpy(in, s + i, static_cast<size_t>(count - i) * 2);
-    V::store(out, t == DType::kF16 ? V::load_f16(in) : V::load_bf16(in));
-    std::memcpy(dst + i, out, static_cast<size_t>(count - i) * 4);
+  int64_t i = 0;
+  for (; i + L <= count; i += L) V::store(dst + i, f16 ? V::load_f16(s + i) : V::load_bf16(s + i));
+  if (i < count) {
+    const int rest = static_cast<int>(count - i);
+    V::store(dst + i, f16 ? V::load_f16_partial(s + i, rest) : V::load_bf16_partial(s + i, rest));
   }
 }
 

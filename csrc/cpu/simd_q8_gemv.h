@@ -4,7 +4,9 @@
 // `vpdpbusd`, or `vpmaddubsw` + `vpmaddwd` on AVX2), scales applied once per
 // 32-bit lane, the zero points folded in through per-group sums of x.
 // Included after simd_linear.h, under the same target switch and namespace;
-// it reuses its RowReader, GroupLanes and row_scales.
+// it reuses its RowReader, GroupLanes and load_floats. Besides the operations
+// simd_linear.h lists, `V` provides zero_i, splat_bytes (a byte in every
+// byte), or_and (a | (b & c)), dpbusd and expand_nibbles (see vec16.h).
 //
 // Decoding ("a lane is a word", as in simd_linear.h, but byte-wise). A
 // super-block is kLanes words of the low plane, 4 * kLanes bytes; byte b of
@@ -30,18 +32,20 @@ namespace LOWBIT_SIMD_NAMESPACE {
 // and per-weight-group sums of the dequantized x (for the zero points).
 template <class V, int kBits>
 struct Q8Operand {
+  int64_t m;
   static constexpr int kPlaneBits = low_plane_bits(kBits);
   static constexpr int kFields = 8 / kPlaneBits;       // codes a byte holds
   static constexpr int kBlockBytes = 4 * V::kLanes;    // bytes of a super-block
   static constexpr int kBlockCodes = kBlockBytes * kFields;
-  int64_t super_blocks, q_stride, lane_stride, groups;
+  int64_t super_blocks, q_stride, lane_stride, groups, sums_stride;
   Scratch<int8_t> q;        // [m][super_blocks][kFields][kBlockBytes]
   Scratch<float> lanes;     // [m][super_blocks][kLanes]: each lane's x scale
-  Scratch<float> sums;      // [m][groups]: sum over the group of d * q
+  Scratch<float> sums;      // [m][sums_stride]: sum over group g of d * q, zero past the groups
 
   Q8Operand(const QuantMatrix& w, const Q8Rows& x, int64_t sbs)
-      : super_blocks(sbs), q_stride(sbs * kFields * kBlockBytes), lane_stride(sbs * V::kLanes),
-        groups(w.groups()), q(x.m * q_stride), lanes(x.m * lane_stride), sums(x.m * groups) {
+      : m(x.m), super_blocks(sbs), q_stride(sbs * kFields * kBlockBytes), lane_stride(sbs * V::kLanes),
+        groups(w.groups()), sums_stride(ceil_div(groups, V::kLanes) * V::kLanes), q(x.m * q_stride),
+        lanes(x.m * lane_stride), sums(x.m * sums_stride) {
     const int64_t k = w.k, xgroups = k / kActGroup;
     for (int64_t mi = 0; mi < x.m; ++mi) {
       const int8_t* xq = x.q + mi * k;
@@ -66,8 +70,9 @@ struct Q8Operand {
           for (int i = 0; i < kActGroup; ++i) s += xq[xg * kActGroup + i];
           total += xd[xg] * static_cast<float>(s);
         }
-        sums.get()[mi * groups + g] = total;
+        sums.get()[mi * sums_stride + g] = total;
       }
+      for (int64_t g = groups; g < sums_stride; ++g) sums.get()[mi * sums_stride + g] = 0.0f;
     }
   }
 };
@@ -140,63 +145,83 @@ void q8_tile(const RowReader<V, kBits>& reader, const GroupLanes<V, kBits>& lane
     for (int j = 0; j < MB; ++j) result[r][j] = acc[r][j];
 }
 
-// Weight rows [nb, ne) for activation rows [m0, m0 + MB), R rows at a time.
-template <class V, int kBits, int R, int MB>
+// The dot products of one tile for activation rows [m0, m0 + mb), mb <= 4,
+// summed over lanes into y (plus each row's zero term, offsets[r][j]).
+template <class V, int kBits, int R>
+void q8_block(const RowReader<V, kBits>& reader, const GroupLanes<V, kBits>& lanes,
+              const Q8Operand<V, kBits>& x, int64_t m0, int mb, const uint32_t* const* rows,
+              const uint32_t* const* next_rows, const float* const* scales,
+              const float* offsets, int64_t n, int64_t valid, int64_t out_stride, float* y) {
+  auto store = [&](auto mb_constant) {
+    constexpr int MB = decltype(mb_constant)::value;
+    typename V::F acc[R][MB];
+    q8_tile<V, kBits, R, MB>(reader, lanes, x, m0, rows, next_rows, scales, acc);
+    for (int r = 0; r < valid; ++r) {
+      for (int j = 0; j < MB; ++j) {
+        y[(m0 + j) * out_stride + n + r] = V::sum(acc[r][j]) + offsets[r * x.m + m0 + j];
+      }
+    }
+  };
+  switch (mb) {
+    case 1: store(std::integral_constant<int, 1>{}); break;
+    case 2: store(std::integral_constant<int, 2>{}); break;
+    case 3: store(std::integral_constant<int, 3>{}); break;
+    default: store(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// Weight rows [nb, ne), R at a time, for every activation row. A tile's
+// scales and zero terms are converted once; its rows stay in L1 while blocks
+// of 4 activation rows pass over them.
+template <class V, int kBits, int R>
 void q8_rows(const QuantMatrix& w, const RowReader<V, kBits>& reader,
-             const GroupLanes<V, kBits>& lanes, const Q8Operand<V, kBits>& x, int64_t m0,
-             int64_t nb, int64_t ne, float* y) {
+             const GroupLanes<V, kBits>& lanes, const Q8Operand<V, kBits>& x, int64_t nb,
+             int64_t ne, float* y) {
   constexpr int L = V::kLanes;
-  const int64_t stride = w.groups() + L;
-  Scratch<float> buf(R * stride + stride + R * MB);
+  const int64_t groups = w.groups(), stride = groups + L;
+  Scratch<float> buf(R * stride + stride + R * x.m);
   float* zeros = buf.get() + R * stride;
-  float* offsets = zeros + stride;
+  float* offsets = zeros + stride;  // [R][m]
   const float* scales[R];
   const uint32_t *rows[R], *next_rows[R];
+  // Zero past the groups, as GroupLanes::gather and the vector loops below need.
+  for (int64_t i = 0; i < R * stride + stride; ++i) buf.get()[i] = 0.0f;
   for (int r = 0; r < R; ++r) scales[r] = buf.get() + r * stride;
-  // row_scales reads the activation rows' group sums through a GemvX.
-  const GemvX sums{nullptr, x.sums.get() + m0 * x.groups, 0};
   for (int64_t n = nb; n < ne; n += R) {
     // A short last tile repeats its last row: computed twice, stored once.
     for (int r = 0; r < R; ++r) {
       const int64_t row = min64(n + r, ne - 1);
       rows[r] = w.packed + row * w.row_words();
       next_rows[r] = w.packed + min64(n + R + r, ne - 1) * w.row_words();
-      row_scales<V>(w, sums, row, MB, buf.get() + r * stride, zeros, offsets + r * MB);
+      float* s = buf.get() + r * stride;
+      load_floats<V>(w.scales, w.scale_dtype, row * groups, groups, s);
+      load_floats<V>(w.zeros, w.scale_dtype, row * groups, groups, zeros);
+      for (int64_t g = 0; g < groups; g += L) V::store(zeros + g, V::mul(V::load(s + g), V::load(zeros + g)));
+      for (int64_t j = 0; j < x.m; ++j) {  // -sum_g s * z * (sum of x's group g)
+        const float* sums = x.sums.get() + j * x.sums_stride;
+        typename V::F total = V::zero();
+        for (int64_t g = 0; g < groups; g += L) total = V::fmadd(V::load(zeros + g), V::load(sums + g), total);
+        offsets[r * x.m + j] = -V::sum(total);
+      }
     }
-    typename V::F acc[R][MB];
-    q8_tile<V, kBits, R, MB>(reader, lanes, x, m0, rows, next_rows, scales, acc);
-    for (int r = 0; r < R && n + r < ne; ++r) {
-      for (int j = 0; j < MB; ++j) y[(m0 + j) * w.n + n + r] = V::sum(acc[r][j]) + offsets[r * MB + j];
+    for (int64_t m0 = 0; m0 < x.m; m0 += 4) {
+      q8_block<V, kBits, R>(reader, lanes, x, m0, static_cast<int>(min64(4, x.m - m0)), rows,
+                            next_rows, scales, offsets, n, min64(R, ne - n), w.n, y);
     }
   }
 }
-
-// Weight rows a tile of the many-rows case keeps in L1 while every block of
-// 4 activation rows passes over them.
-constexpr int64_t kQ8TileRows = 16;
 
 template <class V, int kBits>
 void q8_gemv(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par) {
   const RowReader<V, kBits> reader(w);
   const Q8Operand<V, kBits> xo(w, x, reader.super_blocks());
   const GroupLanes<V, kBits> lanes(w, reader.super_blocks());
-  for_range(par, w.n, kQ8TileRows, [&](int64_t nb, int64_t ne) {
+  for_range(par, w.n, 16, [&](int64_t nb, int64_t ne) {
+    // More weight rows per tile share each activation load when there are few.
     switch (x.m) {
-      case 1: q8_rows<V, kBits, 4, 1>(w, reader, lanes, xo, 0, nb, ne, y); return;
-      case 2: q8_rows<V, kBits, 2, 2>(w, reader, lanes, xo, 0, nb, ne, y); return;
-      case 3: q8_rows<V, kBits, 1, 3>(w, reader, lanes, xo, 0, nb, ne, y); return;
-      default: break;
-    }
-    for (int64_t tb = nb; tb < ne; tb += kQ8TileRows) {
-      const int64_t te = min64(ne, tb + kQ8TileRows);
-      int64_t m0 = 0;
-      for (; m0 + 4 <= x.m; m0 += 4) q8_rows<V, kBits, 1, 4>(w, reader, lanes, xo, m0, tb, te, y);
-      switch (x.m - m0) {
-        case 1: q8_rows<V, kBits, 1, 1>(w, reader, lanes, xo, m0, tb, te, y); break;
-        case 2: q8_rows<V, kBits, 1, 2>(w, reader, lanes, xo, m0, tb, te, y); break;
-        case 3: q8_rows<V, kBits, 1, 3>(w, reader, lanes, xo, m0, tb, te, y); break;
-        default: break;
-      }
+      case 1: q8_rows<V, kBits, 4>(w, reader, lanes, xo, nb, ne, y); break;
+      case 2: q8_rows<V, kBits, 2>(w, reader, lanes, xo, nb, ne, y); break;
+      default: q8_rows<V, kBits, 1>(w, reader, lanes, xo, nb, ne, y); break;
     }
   });
 }
