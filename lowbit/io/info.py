@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lowbit.io.checkpoint import QUANT_METHOD, check_quantization_config, read_model_config, tokenizer_files
-from lowbit.io.files import SafetensorsCheckpoint
+from lowbit.io.checkpoint import tokenizer_files
+from lowbit.io.files import SafetensorsCheckpoint, read_json_file
+from lowbit.io.validate import QUANT_METHOD, check_directory, check_quantization_config, read_model_config
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -19,9 +19,10 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     for lowbit and GPTQ checkpoints alike, the base for `lowbit info`."""
     path = Path(path)
     config = read_model_config(path)
+    check_directory(path)
     qc = getattr(config, "quantization_config", None)
-    if not isinstance(qc, Mapping) and (path / "quantize_config.json").is_file():
-        qc = json.loads((path / "quantize_config.json").read_text())
+    if not isinstance(qc, Mapping) and os.path.lexists(path / "quantize_config.json"):
+        qc = read_json_file(path, "quantize_config.json")
     files = sorted(path.glob("*.safetensors"))
     info: dict[str, Any] = {
         "path": str(path),
