@@ -145,7 +145,7 @@ def load_tokenizer(source: str):
     elif not Path(source).expanduser().exists() and not _looks_like_hub_id(source):
         raise UsageError(f"no such tokenizer directory: {source}")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load a tokenizer from {source}: {one_line(exc)}") from exc
 

@@ -207,10 +207,14 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     otherwise a Hugging Face model directory or hub id. The model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lowbit.io.validate import read_config_json
+
     source = smollm2_dir() if name in (None, DEFAULT_MODEL) else name
+    if Path(source).is_dir():
+        read_config_json(Path(source))  # refuses code of its own (auto_map) and malformed values
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     except OSError as exc:
         raise AssetError(
             f"lowbit: could not load the model {source!r}: {exc}. Give a local model directory, "

@@ -311,6 +311,19 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"lowbit: cannot load the tokenizer saved in {path}: {exc}") from exc
 
 
+def check_checkpoint(
+    path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[transformers.PretrainedConfig, dict[str, Any], SafetensorsCheckpoint]:
+    """(config, quantization_config, tensors) of a lowbit checkpoint, with everything checked
+    that can be without reading tensor data (lowbit.io.validate)."""
+    config, reader = open_checkpoint(path)
+    qc = check_quantization_config(
+        getattr(config, "quantization_config", None), f"{path}/config.json quantization_config"
+    )
+    check_tensors(meta_model(config, dtype, qc["modules"]), reader, str(path))
+    return config, qc, reader
+
+
 def load_quantized(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -325,11 +338,7 @@ def load_quantized(
     quantized layers keep their stored scale dtype. The tokenizer, if saved
     beside the weights, comes from `lowbit.load_tokenizer(path)`.
     """
-    config, reader = open_checkpoint(path)
-    qc = check_quantization_config(
-        getattr(config, "quantization_config", None), f"{path}/config.json quantization_config"
-    )
-    check_tensors(meta_model(config, dtype, qc["modules"]), reader, str(path))
+    config, qc, reader = check_checkpoint(path, dtype)
     model = build_skeleton(config, dtype)
     install_quant_linears(model, qc["modules"])
     assign_tensors(model, reader, str(path))

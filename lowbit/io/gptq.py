@@ -435,6 +435,18 @@ def _gptq_layer_names(meta: nn.Module, reader: SafetensorsCheckpoint, path: Path
     return names
 
 
+def check_gptq_checkpoint(path: Path, dtype: torch.dtype | None = None):
+    """(config without quantization_config, GPTQ config, tensors, GPTQ layer names) of a GPTQ
+    checkpoint, with everything checked that can be without reading tensor data."""
+    config, reader = open_checkpoint(path)
+    qc = _read_gptq_config(path, config)
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the imported model is a lowbit model
+    layers = _gptq_layer_names(build_skeleton(config, dtype, meta=True), reader, path)
+    return config, qc, reader, layers
+
+
 def load_gptq(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -449,13 +461,8 @@ def load_gptq(
     in eval mode on `device`; save it with `lowbit.save_quantized`.
     """
     path = Path(path)
-    config, reader = open_checkpoint(path)
-    qc = _read_gptq_config(path, config)
+    config, qc, reader, layers = check_gptq_checkpoint(path, dtype)
     version = 2 if qc["checkpoint_format"] == "gptq_v2" else 1
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the imported model is a lowbit model
-    layers = _gptq_layer_names(build_skeleton(config, dtype, meta=True), reader, path)
     model = build_skeleton(config, dtype)
 
     tensors = {}

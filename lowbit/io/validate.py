@@ -85,6 +85,10 @@ def check_model_config(raw: Any, file: Path) -> None:
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"lowbit: {file} must hold a JSON object, got {type(raw).__name__}")
     refuse_custom_code(raw, file)
+    if raw.get("quantization_config") is not None and not isinstance(raw["quantization_config"], Mapping):
+        raise CheckpointError(
+            f"lowbit: {file}: quantization_config must be a JSON object, got {raw['quantization_config']!r}"
+        )
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
         raise CheckpointError(f"lowbit: {file}: model_type {model_type!r} is not a model type transformers knows")
@@ -125,9 +129,8 @@ def _check_config_value(key: str, value: Any, default: Any, file: Path) -> None:
     else:
         return
     if not ok:
-        raise CheckpointError(
-            f"lowbit: {file}: {key} must be a {type(default).__name__} like its default {default!r}, got {value!r}"
-        )
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+        raise CheckpointError(f"lowbit: {file}: {key} must be {kind} (default {default!r}), got {value!r}")
 
 
 def _check_size(key: str, value: Any, file: Path) -> None:
