@@ -167,6 +167,8 @@ def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in state.items():
         if t.is_meta:
             raise UsageError(f"lowbit: {name} is on the meta device (not loaded); cannot save it")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UsageError(f"lowbit: {name} contains NaN or Inf values; not writing a checkpoint of it")
     seen: set[tuple] = set()
     keep = set()
     for name in sorted(state, key=lambda n: n in tied_targets):  # sources first (stable sort)
@@ -215,7 +217,10 @@ def write_safetensors(
             ptr = t.untyped_storage().data_ptr()
             shard[name] = t.clone() if ptr in storages else t  # safetensors refuses shared storage
             storages.add(ptr)
-        save_file(shard, directory / file, metadata={"format": "pt"})
+        try:
+            save_file(shard, directory / file, metadata={"format": "pt"})
+        except SafetensorError as exc:  # safetensors reports I/O errors (a full disk) as its own
+            raise _as_os_error(exc, directory / file) from exc
     if len(files) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
@@ -290,6 +295,14 @@ SAFETENSORS_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def _as_os_error(exc: SafetensorError, path: Path) -> OSError:
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return OSError(f"cannot write {path}: {exc}")
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 class SafetensorsCheckpoint:
