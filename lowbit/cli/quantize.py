@@ -209,8 +209,12 @@ def run(args: argparse.Namespace) -> int:
 
     report = quantize(model, config, calibration, tokenizer)
     info_line(f"calibration: {report.seconds:.0f} s")
-    with activity(f"saving {output}"):
-        save_quantized(model, output, tokenizer)
+    try:
+        with activity(f"saving {output}"):
+            save_quantized(model, output, tokenizer)
+    except OSError as exc:  # a full disk: what was there is kept
+        again = "; the calibrated blocks are kept, so the same command resumes" if resume_dir else ""
+        raise UsageError(f"cannot save {output}: {exc.strerror or exc} (nothing was replaced){again}") from exc
     if own_resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
     del model
