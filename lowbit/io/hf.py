@@ -23,7 +23,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit.errors import CheckpointError
-from lowbit.io.checkpoint import install_quant_linears, quant_modules, recorded_settings
+from lowbit.io.checkpoint import check_checkpoint, install_quant_linears, quant_modules, recorded_settings
 from lowbit.io.validate import QUANT_METHOD, check_finite, check_quantization_config, check_tensors, open_tensors
 from lowbit.nn.permuted import PermutedQuantLinear, check_permutation
 
@@ -43,11 +43,12 @@ class LowbitHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def update_attn_implementation(self, config):
-        """Called before the model is built: a local directory's config, files and sizes are
-        checked here, so that a config with absurd sizes fails before building anything."""
+        """Called before the model is built: a local directory gets `load_quantized`'s checks
+        here (config, files, sizes, the tensors' headers against the model built on the meta
+        device), so that transformers builds only what lowbit would."""
         directory = Path(str(getattr(config, "_name_or_path", "") or ""))
         if directory.is_dir():
-            open_tensors(directory)
+            check_checkpoint(directory)
         return config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
