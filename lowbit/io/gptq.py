@@ -283,7 +283,8 @@ def _read_gptq_config(path: Path, config) -> dict[str, Any]:
     if method != "gptq":
         hint = " (a lowbit checkpoint: use lowbit.load_quantized)" if method == "lowbit" else ""
         raise CheckpointError(f"lowbit: {path} is quantized with {method!r}, not GPTQ{hint}")
-    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    present = [key for key in ("checkpoint_format", "format") if key in qc]
+    fmt = qc[present[0]] if present else "gptq"  # absent: v1, as AutoGPTQ writes it
     if not isinstance(fmt, str) or fmt.lower() not in ("gptq", "gptq_v2"):
         raise CheckpointError(
             f"lowbit: GPTQ checkpoint_format {fmt!r} is not supported (only 'gptq' (v1) and 'gptq_v2')"
@@ -431,6 +432,11 @@ def _gptq_layer_names(meta: nn.Module, reader: SafetensorsCheckpoint, path: Path
         owner, _, tensor = key.rpartition(".")
         if owner in layers and tensor not in GPTQ_TENSORS:
             raise CheckpointError(f"lowbit: {path} holds tensor {key}, which is not a GPTQ layer's")
+    for tensor in ("scales", "bias"):  # one dtype for all layers: the format records none
+        dtypes = {reader.header(f"{n}.{tensor}")[0]: n for n in names if f"{n}.{tensor}" in reader}
+        if len(dtypes) > 1:
+            found = ", ".join(f"{n}.{tensor} {d}" for d, n in dtypes.items())
+            raise CheckpointError(f"lowbit: {path}: the GPTQ layers' {tensor} differ in dtype ({found})")
     check_tensors(meta, reader, str(path), skipped_modules=tuple(names))
     return names
 

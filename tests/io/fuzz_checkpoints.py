@@ -126,6 +126,8 @@ def mutate_config(directory: Path, rng: random.Random) -> str:
     kind = rng.choice(["junk", "junk", "delete", "nudge", "retype"])
     if kind == "delete":
         _delete(config, path)
+        if path == ("quantization_config", "checkpoint_format"):
+            kind = "delete (valid edit: the documented default, GPTQ v1)"
     elif kind == "nudge" and isinstance(value, (int, float)) and not isinstance(value, bool):
         _set(config, path, rng.choice([value + 1, value - 1, value * 2, -value, value // 2 if value else 1]))
     elif kind == "retype" and not isinstance(value, (dict, list)):
@@ -198,7 +200,8 @@ def make_cases(root: Path, count: int, seed: int) -> list[dict]:
             directory = root / f"{kind}-{i:04d}"
             shutil.copytree(root / kind, directory)
             if rng.random() < 0.5:
-                what, valid_edit = mutate_config(directory, rng), False
+                what = mutate_config(directory, rng)
+                valid_edit = "valid edit" in what
             else:
                 what, valid_edit = mutate_header(directory, rng)
             cases.append({"kind": kind, "dir": str(directory), "mutation": what, "valid_edit": valid_edit})
