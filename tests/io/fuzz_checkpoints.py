@@ -40,8 +40,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 LOADERS = ("load_quantized", "from_pretrained", "load_gptq", "lowbit info")
 CASE_SECONDS = 20  # one load of the tiny model takes well under a second
-TRANSFORMERS_OWN = "transformers' own (lowbit not reached)"
-OUTCOMES = ("clean error", "identical load", "loaded other weights (valid edit)", TRANSFORMERS_OWN,
+TRANSFORMERS_ERROR = "transformers' own error (lowbit not reached)"
+TRANSFORMERS_LOAD = "transformers' own load (config not lowbit's)"
+TRANSFORMERS_OWN = (TRANSFORMERS_ERROR, TRANSFORMERS_LOAD)
+OUTCOMES = ("clean error", "identical load", "loaded other weights (valid edit)", *TRANSFORMERS_OWN,
             "other exception", "wrong load", "hang", "traceback")
 GOOD = ("clean error", "identical load", "loaded other weights (valid edit)")
 
@@ -269,13 +271,13 @@ def run_case(loader: str, case: dict, references: dict) -> str:
     except CheckpointError:
         return "clean error"
     except Exception:  # noqa: BLE001
-        return TRANSFORMERS_OWN if loader == "from_pretrained" and not REACHED else "other exception"
+        return TRANSFORMERS_ERROR if loader == "from_pretrained" and not REACHED else "other exception"
     if _same_weights(model.state_dict(), references[case["kind"]]):
         return "identical load"
     if case["valid_edit"]:
         return "loaded other weights (valid edit)"
     if loader == "from_pretrained" and not REACHED:
-        return TRANSFORMERS_OWN
+        return TRANSFORMERS_LOAD
     return "wrong load"
 
 
@@ -387,7 +389,7 @@ def fuzz(count: int, seed: int, loaders=LOADERS, jobs: int = 2, keep: Path | Non
             results = dict(zip(loaders, pool.map(lambda name: run_loader(name, root, cases), loaders)))
         counts = {name: dict(collections.Counter(results[name].values())) for name in loaders}
         bad = [(name, cases[i]["mutation"], outcome) for name in loaders for i, outcome in results[name].items()
-               if outcome not in (*GOOD, TRANSFORMERS_OWN)]
+               if outcome not in (*GOOD, *TRANSFORMERS_OWN)]
         return {"counts": counts, "bad": bad, "cases": len(cases)}
     finally:
         if keep is None:

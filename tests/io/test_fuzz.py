@@ -19,5 +19,5 @@ def test_mutated_checkpoints_load_identically_or_fail_cleanly_on_every_path():
         counts = result["counts"][loader]
         assert sum(counts.values()) == CASES, (loader, counts)
         assert counts.get("clean error", 0) > 0, (loader, counts)  # the mutations do reach the checks
-        allowed = {*GOOD, TRANSFORMERS_OWN} if loader == "from_pretrained" else set(GOOD)
+        allowed = {*GOOD, *TRANSFORMERS_OWN} if loader == "from_pretrained" else set(GOOD)
         assert set(counts) <= allowed, (loader, counts)
