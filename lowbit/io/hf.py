@@ -56,7 +56,7 @@ class LowbitHfQuantizer(HfQuantizer):
         directory = _directory_of(checkpoint_files)
         reader = open_tensors(directory)
         check_tensors(model, reader, str(directory))
-        self.stored_tensors = reader.keys()
+        self.stored_tensors, self.directory = reader.keys(), directory
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, module in quant_modules(model).items():
@@ -71,7 +71,8 @@ class LowbitHfQuantizer(HfQuantizer):
                     raise CheckpointError(str(exc)) from exc
         state = model.state_dict()
         for key in self.stored_tensors:
-            check_finite(key, state[key], "the checkpoint")
+            if not state[key].is_meta:  # (offloaded to disk by a device_map)
+                check_finite(key, state[key], str(self.directory))
         model.lowbit_config = recorded_settings(self.quantization_config.to_dict())
         return model
 

@@ -176,3 +176,26 @@ def test_hostile_checkpoints_are_one_line_on_every_command(tiny_checkpoint, tmp_
     for argv in (["info", str(bad)], ["eval", str(bad)], ["generate", str(bad)], ["export", str(bad)]):
         code, _, err = run(argv, capsys)
         assert_one_line_error(code, err, match="auto_map")
+
+
+def test_non_finite_full_precision_tensors_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.norm.weight"][5] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    for argv in (["eval", str(bad)], ["export", str(bad), str(tmp_path / "gptq")]):
+        code, _, err = run(argv, capsys)
+        assert_one_line_error(code, err, match=r"model\.norm\.weight contains NaN or Inf")
+    assert not (tmp_path / "gptq").exists()
+
+
+def test_a_model_with_non_finite_weights_is_not_saved_or_exported(tiny_hf, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf["model"])
+    lowbit.quantize_rtn(model, 3, 64)
+    with torch.no_grad():
+        model.model.norm.weight[2] = float("inf")
+    for write in (lowbit.save_quantized, lowbit.export_gptq):
+        with pytest.raises(lowbit.errors.UsageError, match=r"model\.norm\.weight contains NaN or Inf"):
+            write(model, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
