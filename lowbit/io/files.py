@@ -1,9 +1,10 @@
 """Model directories on disk: atomic writes, safetensors shards and their index.
 
 Generic plumbing, below any checkpoint schema: a directory (or file) is written
-under a temporary name and renamed into place, so a reader never sees half of
-one, and safetensors weights are read through one `SafetensorsCheckpoint`
-whether they are one file or indexed shards.
+under a temporary name and swapped into place, so a reader never sees half of
+one; a model directory's files are read only when they lie inside it
+(`contained_file`); and safetensors weights are read through one
+`SafetensorsCheckpoint` whether they are one file or indexed shards.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def name_matches(name: str, pattern: str) -> bool:
 def check_overrides(overrides: Overrides | None) -> dict[str, dict[str, int | None] | None]:
     """Validates an override table and returns it as a plain ordered dict (JSON-ready)."""
     checked: dict[str, dict[str, int | None] | None] = {}
-    if overrides is not None and not isinstance(overrides, (Mapping, Sequence)) or isinstance(overrides, str):
+    if isinstance(overrides, str) or (overrides is not None and not isinstance(overrides, (Mapping, Sequence))):
         raise UsageError(
             f"lowbit: overrides must map patterns to settings (a dict or (pattern, setting) pairs), "
             f"got {overrides!r}"
