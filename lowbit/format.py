@@ -19,18 +19,23 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def is_int(value) -> bool:
+    """An integer as settings and configs must give one: not a bool, not 3.0, not "3"."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    if not is_int(bits) or bits not in SUPPORTED_BITS:
         raise UsageError(f"lowbit: bits must be 2, 3 or 4, got {bits}")
 
 
 def check_in_features(k: int) -> None:
-    if not (k > 0 and k % BLOCK == 0):
+    if not (is_int(k) and k > 0 and k % BLOCK == 0):
         raise UsageError(f"lowbit: in_features must be a positive multiple of 32, got {k}")
 
 
 def check_group_size(group_size: int, k: int) -> None:
-    if not (group_size > 0 and group_size % BLOCK == 0 and k % group_size == 0):
+    if not (is_int(group_size) and group_size > 0 and group_size % BLOCK == 0 and k % group_size == 0):
         raise UsageError(
             f"lowbit: group_size must be a multiple of 32 that divides in_features ({k}), "
             f"got {group_size}"
@@ -39,9 +44,9 @@ def check_group_size(group_size: int, k: int) -> None:
 
 def check_group_size_setting(group_size: int | None, what: str = "group_size") -> None:
     """A group size as settings give it, before a layer's in_features is known."""
-    if group_size is None or group_size == -1:
+    if group_size is None or (is_int(group_size) and group_size == -1):
         return
-    if not (isinstance(group_size, int) and group_size > 0 and group_size % BLOCK == 0):
+    if not (is_int(group_size) and group_size > 0 and group_size % BLOCK == 0):
         raise UsageError(
             f"lowbit: {what} must be a positive multiple of {BLOCK}, -1 or None "
             f"(one group per row), got {group_size!r}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,11 @@ class QuantConfig:
         for name in ("sw_projections", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"lowbit: {name} must be at least 1, got {getattr(self, name)}")
+        for name, minimum in (("lr", "> 0"), ("weight_decay", ">= 0")):
+            for group, value in getattr(self, name).items():
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if not (ok and (value > 0 if minimum == "> 0" else value >= 0)):
+                    raise UsageError(f"lowbit: {name}[{group!r}] must be a finite number {minimum}, got {value!r}")
         for name in ("nsamples", "seqlen", "epochs"):  # 0 for methods without data
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -160,6 +166,8 @@ class QuantConfig:
         of METHOD_DEFAULTED, missing lr/weight_decay groups, and missing method settings
         (the keys of `defaults` that are not fields; dict-valued ones merge by key)."""
         changes = {k: defaults[k] for k in METHOD_DEFAULTED if getattr(self, k) is None}
+        for name in ("lr", "weight_decay"):
+            _check_groups(self.method, name, getattr(self, name), defaults.get(name, {}))
         changes["lr"] = {**defaults.get("lr", {}), **self.lr}
         changes["weight_decay"] = {**defaults.get("weight_decay", {}), **self.weight_decay}
         options = {k: v for k, v in defaults.items() if k not in _FIELDS}
@@ -226,3 +234,11 @@ def _accept_method_settings(init):
 
 
 QuantConfig.__init__ = _accept_method_settings(QuantConfig.__init__)
+
+
+def _check_groups(method: str, name: str, given: dict[str, float], defaults: dict[str, float]) -> None:
+    """`given` names only parameter groups the method has (a group, or STAGE.GROUP)."""
+    for group in given:
+        if group not in defaults and group.rpartition(".")[2] not in defaults:
+            known = ", ".join(defaults) or "none"
+            raise UsageError(f"lowbit: {method} has no {name} group {group!r} (its groups: {known})")

@@ -246,6 +246,8 @@ class _Run:
             logs.append(self._replay(i, store))
         if done:
             saved = store.load_streams()
+            if set(saved) != {"fp", "q"} or saved["fp"].shape != x.shape or saved["q"].shape != x.shape:
+                raise store.corrupt(store.streams_path, f"it does not hold the two streams of shape {list(x.shape)}")
             streams = _Streams(saved["fp"], saved["q"])
         outer = tqdm(total=len(self.blocks), initial=done, desc=f"{self.config.method} blocks",
                      unit="block", disable=not self.progress)
@@ -286,9 +288,13 @@ class _Run:
         learned, log = store.load_block(i)
         method = self.method_cls(self.config, i, len(self.blocks))
         wrappers = method.setup(self._layers(i, block))
-        method.load_learned_state(learned)
+        try:  # what the file holds must be what this method learns for this block
+            method.load_learned_state(learned)
+            replayed = BlockLog(**{**log, "resumed": True})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise store.corrupt(store.block_path(i), f"it does not hold block {i}'s state ({exc})") from exc
         self._finish(block, method, wrappers)
-        return BlockLog(**{**log, "resumed": True})
+        return replayed
 
     def _finish(self, block: nn.Module, method: Method, wrappers: dict[str, nn.Module]) -> None:
         """Installs the exported modules, or the frozen stand-ins when not exporting."""

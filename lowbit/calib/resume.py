@@ -73,6 +73,8 @@ class BlockStore:
                 found = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise self.corrupt(path, exc) from exc
+            if not isinstance(found, dict):
+                raise self.corrupt(path, "not a JSON object")
             self.check_manifest(found, manifest)
         else:
             write_atomic(path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
@@ -80,8 +82,8 @@ class BlockStore:
     def check_manifest(self, found: dict[str, Any], expected: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def corrupt(self, path: Path, exc: BaseException) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"lowbit: cannot read {path}: {exc}; delete the directory")
+    def corrupt(self, path: Path, why: BaseException | str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"lowbit: cannot read {path}: {why}; delete the directory")
 
     def block_path(self, index: int) -> Path:
         return self.directory / f"block_{index:04d}.safetensors"
@@ -138,7 +140,12 @@ class CheckpointStore(BlockStore):
         """How many blocks are done (0 without a streams file)."""
         if not self.streams_path.exists():
             return 0
-        return int(self.read_metadata(self.streams_path)["finished_blocks"])
+        value = self.read_metadata(self.streams_path).get("finished_blocks")
+        if not (isinstance(value, str) and value.isdigit() and 0 < int(value) <= self.num_blocks):
+            raise self.corrupt(
+                self.streams_path, f"finished_blocks is {value!r}, not a count of blocks in 1..{self.num_blocks}"
+            )
+        return int(value)
 
     def save_block(self, index: int, learned: dict[str, torch.Tensor], log: dict[str, Any],
                    streams: dict[str, torch.Tensor]) -> None:
@@ -147,7 +154,14 @@ class CheckpointStore(BlockStore):
 
     def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         path = self.block_path(index)
-        return self.read_tensors(path), json.loads(self.read_metadata(path)["log"])
+        tensors, text = self.read_tensors(path), self.read_metadata(path).get("log")
+        try:
+            log = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise self.corrupt(path, f"its log is not JSON ({exc})") from exc
+        if not isinstance(log, dict):
+            raise self.corrupt(path, f"its log is not a JSON object: {text[:40]!r}")
+        return tensors, log
 
     def load_streams(self) -> dict[str, torch.Tensor]:
         return self.read_tensors(self.streams_path)

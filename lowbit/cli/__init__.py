@@ -9,9 +9,10 @@ inspect the result.
     lowbit info ./smollm2-135m-w3g64                 # what a checkpoint holds
 
 Mistakes in the input (flags, missing files, unreadable checkpoints, unreachable
-registries: a `lowbit.errors.LowbitError` or the operating system's refusal of a
-path) print one line and exit with status 1 (2 for malformed flags); any other
-exception is a bug and keeps its traceback. `--debug` always shows it.
+registries: a `lowbit.errors.LowbitError`; an OSError such as a full or read-only
+disk; text that is not UTF-8) print one line and exit with status 1 (2 for
+malformed flags); any other exception is a bug and keeps its traceback. `--debug`
+always shows it.
 """
 
 from __future__ import annotations

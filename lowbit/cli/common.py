@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,9 +34,9 @@ DATA_HELP = ("sotu (State of the Union speeches), wiki (Wikipedia lead summaries
 
 # --- errors --------------------------------------------------------------------------------
 
-# The environment's own refusals, reported like lowbit's: a missing or unwritable path.
-_ENVIRONMENT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-                       PermissionError)
+# The environment's own refusals, reported like lowbit's: a missing or unwritable path, a full
+# disk, an I/O error (every OSError), text that is not UTF-8.
+_ENVIRONMENT_ERRORS = (OSError, UnicodeDecodeError)
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -45,6 +47,8 @@ def is_user_error(exc: BaseException) -> bool:
 def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         return f"{exc.strerror}: {exc.filename}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input is not UTF-8 text ({exc.reason} at byte {exc.start})"
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     text = lines[0].removeprefix("lowbit: ")
     return text + (" (--debug shows the details)" if len(lines) > 1 else "")
@@ -145,7 +149,7 @@ def load_tokenizer(source: str):
     elif not Path(source).expanduser().exists() and not _looks_like_hub_id(source):
         raise UsageError(f"no such tokenizer directory: {source}")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load a tokenizer from {source}: {one_line(exc)}") from exc
 
@@ -194,13 +198,40 @@ def group_size_arg(text: str) -> int | None:
 
 
 def lr_entry_arg(text: str) -> tuple[str, float]:
+    """GROUP=VALUE with a finite positive learning rate (the groups are checked against the
+    method's by QuantConfig)."""
     group, sep, value = text.partition("=")
     try:
         if not sep or not group:
             raise ValueError
-        return group, float(value)
+        rate = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected GROUP=VALUE like clip=0.1, got {text!r}") from None
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(f"the learning rate of {group} must be a finite number > 0, got {value}")
+    return group, rate
+
+
+def path_arg(text: str) -> Path:
+    """A path argument: not empty (an empty one would silently mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(text).expanduser()
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuses, before any work, an output that cannot be written: the nearest existing
+    directory above it must accept a new file."""
+    existing = path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{what} {path}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot write in {existing}: {exc.strerror or exc}") from exc
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

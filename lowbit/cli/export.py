@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli.common import FORMATTER, activity, info_line, one_line
+from lowbit.cli.common import FORMATTER, activity, check_writable, info_line, one_line, path_arg
 from lowbit.errors import UsageError
 
 
@@ -17,8 +17,9 @@ def add_parser(sub, common) -> None:
                                    "true integer zeros, fp16 scales) read by GPTQModel, vLLM and others. "
                                    "Needs integer zero points, which lowbit's rtn and omniquant produce.",
                        epilog="example:\n  lowbit export ./smollm2-135m-w3g64 ./smollm2-135m-w3g64-gptq --format gptq")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a lowbit checkpoint directory")
-    p.add_argument("output", metavar="OUTPUT", nargs="?", help="output directory (default: CHECKPOINT-gptq)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", type=path_arg, help="a lowbit checkpoint directory")
+    p.add_argument("output", metavar="OUTPUT", nargs="?", type=path_arg,
+                   help="output directory (default: CHECKPOINT-gptq)")
     p.add_argument("--format", default="gptq", choices=("gptq",), help="default: %(default)s")
     p.add_argument("--dynamic", action="store_true",
                    help="allow layers with their own bits/group size or left in full precision, written "
@@ -44,10 +45,12 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.io.info import checkpoint_info
     from lowbit.nn import merge_adapters
 
-    source = Path(args.checkpoint).expanduser()
-    output = Path(args.output).expanduser() if args.output else source.with_name(source.name + "-gptq")
+    source = args.checkpoint
+    default = source.resolve()  # `lowbit export .` is named after the directory, not "."
+    output = args.output if args.output is not None else default.with_name(default.name + "-gptq")
     if output.resolve() == source.resolve():
         raise UsageError("the export must go to another directory than the checkpoint")
+    check_writable(output, "output")
     _require_lowbit_checkpoint(source)
     with activity(f"loading {source}"):
         model, tokenizer = load_quantized(source), load_tokenizer(source)

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer, _ = load_any(args.model, device, args.tokenizer)
     ids = prompt_ids(tokenizer, args.prompt, args.chat).to(device)
+    if ids.shape[-1] == 0:
+        raise UsageError(f"--prompt {args.prompt!r} gives no tokens; give some text to continue")
     eos = tokenizer.eos_token_id
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, eos_token_id=eos,

@@ -29,6 +29,7 @@ from lowbit.cli.common import (
     FORMATTER,
     NAMED_TEXTS,
     activity,
+    check_writable,
     format_table,
     grid_name,
     group_size_arg,
@@ -37,6 +38,7 @@ from lowbit.cli.common import (
     load_full_precision,
     load_texts,
     lr_entry_arg,
+    path_arg,
     ratio_text,
     resolve_device,
     window_count,
@@ -179,10 +181,13 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.io.info import checkpoint_info
 
     device = resolve_device(args.device)
-    output = Path(args.output).expanduser() if args.output else default_output(args.model, args.bits, args.group_size)
+    output = args.output if args.output is not None else default_output(args.model, args.bits, args.group_size)
     check_output(output, args.model)
+    check_writable(output, "--output")
     own_resume_dir = args.resume is True
     resume_dir = str(output.with_name(output.name + ".resume")) if own_resume_dir else args.resume
+    if resume_dir:
+        check_writable(Path(resume_dir) / "manifest.json", "--resume")
     config = quant_config(args, resume_dir)
     method_cls = get_method(config.method)
     title = DEFAULT_MODEL_TITLE if args.model == DEFAULT_MODEL else args.model
@@ -204,8 +209,12 @@ def run(args: argparse.Namespace) -> int:
 
     report = quantize(model, config, calibration, tokenizer)
     info_line(f"calibration: {report.seconds:.0f} s")
-    with activity(f"saving {output}"):
-        save_quantized(model, output, tokenizer)
+    try:
+        with activity(f"saving {output}"):
+            save_quantized(model, output, tokenizer)
+    except OSError as exc:  # a full disk: what was there is kept
+        again = "; the calibrated blocks are kept, so the same command resumes" if resume_dir else ""
+        raise UsageError(f"cannot save {output}: {exc.strerror or exc} (nothing was replaced){again}") from exc
     if own_resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
     del model
@@ -308,7 +317,7 @@ examples:
     g.add_argument("--group-size", type=group_size_arg, default=64, metavar="G",
                    help="inputs sharing a scale and zero: a multiple of 32 dividing every layer's "
                         "in_features, or -1 for one group per row (default: %(default)s)")
-    g.add_argument("--output", "-o", metavar="DIR",
+    g.add_argument("--output", "-o", metavar="DIR", type=path_arg,
                    help=f"checkpoint directory; an existing checkpoint there is replaced once the new one "
                         f"is complete (default: ./<model>-w<bits>g<G>, e.g. ./{DEFAULT_MODEL_SLUG}-w3g64)")
     g = p.add_argument_group("method")
@@ -330,7 +339,7 @@ examples:
     g.add_argument("--seed", type=int, default=0, help="seeds the windows, batch order and projections (default: 0)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR", type=path_arg,
                    help="keep per-block checkpoints in DIR (default: <output>.resume, removed after "
                         "saving) so that an interrupted run continues where it stopped")
     g = p.add_argument_group("report")

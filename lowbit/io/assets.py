@@ -207,10 +207,14 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
     otherwise a Hugging Face model directory or hub id. The model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lowbit.io.validate import read_config_json
+
     source = smollm2_dir() if name in (None, DEFAULT_MODEL) else name
+    if Path(source).is_dir():
+        read_config_json(Path(source))  # refuses code of its own (auto_map) and malformed values
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     except OSError as exc:
         raise AssetError(
             f"lowbit: could not load the model {source!r}: {exc}. Give a local model directory, "
@@ -285,6 +289,15 @@ def _datasets_texts(name: str, split: str) -> list[str]:
         ) from exc
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"lowbit: {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8"
+        ) from exc
+
+
 def load_texts(name: str, split: str = "evaluation") -> list[str]:
     """Texts by name: "sotu", "wiki" (built-in, cached), "wikitext2", "c4" (through
     `datasets`), or a path to a text file (one text) or a directory of .txt files
@@ -298,12 +311,12 @@ def load_texts(name: str, split: str = "evaluation") -> list[str]:
         return _datasets_texts(name, split)
     path = Path(name).expanduser()
     if path.is_file():
-        return [path.read_text(encoding="utf-8")]
+        return [_read_text(path)]
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
             raise AssetError(f"lowbit: no .txt files in {path}")
-        return [f.read_text(encoding="utf-8") for f in files]
+        return [_read_text(f) for f in files]
     raise AssetError(
         f"lowbit: unknown text source {name!r}: use sotu, wiki, wikitext2, c4, a text file "
         "or a directory of .txt files"

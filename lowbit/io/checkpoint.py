@@ -21,29 +21,36 @@ from accelerate import init_empty_weights
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit import format
 from lowbit._version import __version__
 from lowbit.errors import CheckpointError, UsageError, UsageTypeError
 from lowbit.io.files import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsCheckpoint,
     atomic_directory,
+    read_json_file,
     unique_tensors,
     write_safetensors,
+)
+from lowbit.io.validate import (  # noqa: F401  (the schema's names, also read from here)
+    DTYPES,
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    READABLE_VERSIONS,
+    check_directory,
+    check_finite,
+    check_quantization_config,
+    check_tensor_header,
+    check_tensor_names,
+    check_tensors,
+    describe,
+    open_checkpoint,
+    read_model_config,
+    refuse_custom_code,
 )
 from lowbit.nn import PermutedQuantLinear, QuantLinear
 from lowbit.nn.modules import linear_layers, linear_weight, set_submodule
 from lowbit.quant.schemes import MethodSettings, check_overrides
 
-QUANT_METHOD = "lowbit"
-FORMAT_VERSION = 2  # 2 added the "adapter" field of module entries
-READABLE_VERSIONS = (1, 2)
-
-_DTYPES = format.DTYPE_NAMES
-_SPEC_KEYS = {"bits", "group_size", "in_features", "out_features", "bias", "dtype"}
-# Optional module-entry fields, by the format version that introduced them.
-_OPTIONAL_SPEC_KEYS = {1: {"input_perm"}, 2: {"input_perm", "adapter"}}
-_ADAPTER_KEYS = {"rank", "dtype"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -80,12 +87,12 @@ def quant_linear_from_spec(spec: Mapping[str, Any], device: torch.device | str =
         spec["bits"],
         spec["group_size"],
         bias=spec["bias"],
-        dtype=_DTYPES[spec["dtype"]],
+        dtype=DTYPES[spec["dtype"]],
         device=device,
     )
     adapter = spec.get("adapter")
     if adapter is not None:
-        module.attach_adapter(adapter["rank"], dtype=_DTYPES[adapter["dtype"]])
+        module.attach_adapter(adapter["rank"], dtype=DTYPES[adapter["dtype"]])
     return module
 
 
@@ -145,84 +152,6 @@ def recorded_settings(qc: Mapping[str, Any]) -> MethodSettings:
     settings = {k: v for k, v in (qc.get("method_config") or {}).items() if k != "method"}
     settings["overrides"] = qc.get("overrides") or []
     return MethodSettings(qc.get("method") or "unknown", settings)
-
-
-def check_quantization_config(qc: Any, where: str = "quantization_config") -> dict[str, Any]:
-    """Validates a lowbit `quantization_config` dict, raising CheckpointError naming the bad key."""
-    if qc is None:
-        raise CheckpointError(f"lowbit: {where} is missing: not a quantized checkpoint")
-    if not isinstance(qc, Mapping):
-        raise CheckpointError(f"lowbit: {where} must be a JSON object, got {type(qc).__name__}")
-    if qc.get("quant_method") != QUANT_METHOD:
-        hint = " (a GPTQ checkpoint: use lowbit.load_gptq)" if qc.get("quant_method") == "gptq" else ""
-        raise CheckpointError(
-            f"lowbit: {where}.quant_method is {qc.get('quant_method')!r}, not {QUANT_METHOD!r}{hint}"
-        )
-    version = qc.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointError(f"lowbit: {where}.format_version is missing or not an integer: {version!r}")
-    if version not in READABLE_VERSIONS:
-        newer = " (written by a newer lowbit: upgrade lowbit)" if version > FORMAT_VERSION else ""
-        raise CheckpointError(
-            f"lowbit: {where}.format_version {version} is not supported; this lowbit reads "
-            f"versions {', '.join(map(str, READABLE_VERSIONS))}{newer}"
-        )
-    modules = qc.get("modules")
-    if not isinstance(modules, Mapping) or not modules:
-        raise CheckpointError(f"lowbit: {where}.modules must be a non-empty table of quantized modules")
-    for name, spec in modules.items():
-        _check_spec(spec, f"{where}.modules[{name!r}]", version)
-    try:
-        check_overrides(qc.get("overrides"))
-    except ValueError as exc:
-        raise CheckpointError(f"{exc} (in {where}.overrides)") from exc
-    skipped = qc.get("modules_to_not_convert") or []
-    both = sorted(set(skipped) & set(modules))
-    if both:
-        raise CheckpointError(
-            f"lowbit: {where} lists {both[0]!r} both as quantized (modules) and in modules_to_not_convert"
-        )
-    return dict(qc)
-
-
-def _check_spec(spec: Any, where: str, version: int = FORMAT_VERSION) -> None:
-    if not isinstance(spec, Mapping):
-        raise CheckpointError(f"lowbit: {where} must be a JSON object")
-    missing = sorted(_SPEC_KEYS - set(spec))
-    unknown = sorted(set(spec) - _SPEC_KEYS - _OPTIONAL_SPEC_KEYS[version])
-    if missing:
-        raise CheckpointError(f"lowbit: {where} lacks {missing[0]!r}")
-    if unknown:
-        later = [v for v, keys in _OPTIONAL_SPEC_KEYS.items() if unknown[0] in keys]
-        hint = f"it needs format_version {later[0]}" if later else "newer lowbit?"
-        raise CheckpointError(f"lowbit: {where} has an unknown field {unknown[0]!r} ({hint})")
-    _check_dtype(spec["dtype"], f"{where}.dtype")
-    if spec.get("adapter") is not None:
-        _check_adapter_spec(spec["adapter"], f"{where}.adapter")
-    try:
-        format.check_bits(spec["bits"])
-        format.check_in_features(spec["in_features"])
-        format.check_group_size(spec["group_size"], spec["in_features"])
-    except ValueError as exc:
-        raise CheckpointError(f"{exc} (in {where})") from exc
-    if not (isinstance(spec["out_features"], int) and spec["out_features"] > 0):
-        raise CheckpointError(f"lowbit: {where}.out_features must be a positive integer")
-
-
-def _check_dtype(name: Any, where: str) -> None:
-    if name not in _DTYPES:
-        raise CheckpointError(f"lowbit: {where} must be one of {sorted(_DTYPES)}, got {name!r}")
-
-
-def _check_adapter_spec(adapter: Any, where: str) -> None:
-    if not isinstance(adapter, Mapping) or set(adapter) != _ADAPTER_KEYS:
-        raise CheckpointError(
-            f"lowbit: {where} must be a JSON object with exactly the keys 'rank' and 'dtype', got {adapter!r}"
-        )
-    rank = adapter["rank"]
-    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
-        raise CheckpointError(f"lowbit: {where}.rank must be a positive integer, got {rank!r}")
-    _check_dtype(adapter["dtype"], f"{where}.dtype")
 
 
 # --- writing -------------------------------------------------------------------------
@@ -285,23 +214,30 @@ def save_quantized(
 # --- reading -------------------------------------------------------------------------
 
 
-def read_model_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"lowbit: {path} is not a model directory (no config.json)")
-    try:
-        return transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"lowbit: cannot read {path / 'config.json'}: {exc}") from exc
-
-
-def build_skeleton(config: transformers.PretrainedConfig, dtype: torch.dtype | None) -> nn.Module:
-    """The model with its parameters on the meta device (no memory); buffers are real."""
+def build_skeleton(config: transformers.PretrainedConfig, dtype: torch.dtype | None, meta: bool = False) -> nn.Module:
+    """The model of a config without memory for its weights. `meta`: everything on the meta
+    device (nothing allocated, for checking shapes); otherwise the buffers are real (a
+    parameter is allocated, uninitialised, only while it is moved to the meta device, so
+    build this only once the shapes are checked against the checkpoint)."""
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    with init_empty_weights(include_buffers=False):
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        dtype = DTYPES.get(dtype) or getattr(torch, dtype)
+    context = torch.device("meta") if meta else init_empty_weights(include_buffers=False)
+    try:
+        with context:
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except Exception as exc:  # a model class refusing the config's values: the checkpoint's fault
+        raise CheckpointError(
+            f"lowbit: cannot build a {getattr(config, 'model_type', '?')} model from its config.json: {exc}"
+        ) from exc
+
+
+def meta_model(config: transformers.PretrainedConfig, dtype: torch.dtype | None,
+               modules: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """The model the checkpoint describes, quantized modules included, on the meta device."""
+    model = build_skeleton(config, dtype, meta=True)
+    install_quant_linears(model, modules)
+    return model
 
 
 def install_quant_linears(model: nn.Module, modules: Mapping[str, Mapping[str, Any]], device="meta") -> None:
@@ -329,76 +265,26 @@ def install_quant_linears(model: nn.Module, modules: Mapping[str, Mapping[str, A
         set_submodule(model, name, quant_linear_from_spec(spec, device))
 
 
-def _quantized_owner(key: str, model: nn.Module) -> tuple[str, QuantLinear] | None:
-    """The name and QuantLinear holding tensor `key` (its own or its adapter's), if any."""
-    name = key.rpartition(".")[0]
-    for owner_name in (name, name.removesuffix(".adapter")):
-        try:
-            module = model.get_submodule(owner_name)
-        except AttributeError:
-            return None
-        if isinstance(module, QuantLinear):
-            return owner_name, module
-    return None
-
-
-def _describe(key: str, model: nn.Module) -> str:
-    owner = _quantized_owner(key, model)
-    if owner is None:
-        return ""
-    name, module = owner
-    adapter = f", adapter rank {module.adapter.rank}" if module.adapter is not None else ""
-    return f" for the quantized module {name} ({module.extra_repr()}{adapter})"
-
-
-def _converted(key: str, t: torch.Tensor, ref: torch.Tensor, model: nn.Module, source: str) -> torch.Tensor:
-    """A checkpoint tensor checked against the model's (meta) tensor and cast to its dtype.
-    Tensors of quantized modules must match exactly (a cast would change their meaning)."""
-    quantized = _quantized_owner(key, model) is not None
-    if t.shape != ref.shape:
-        raise CheckpointError(
-            f"lowbit: {source}: tensor {key} has shape {list(t.shape)}, expected "
-            f"{list(ref.shape)}{_describe(key, model)}"
-        )
-    if t.is_floating_point() != ref.is_floating_point() or (quantized and t.dtype != ref.dtype):
-        raise CheckpointError(
-            f"lowbit: {source}: tensor {key} has dtype {t.dtype}, expected {ref.dtype}{_describe(key, model)}"
-        )
-    if quantized and t.is_floating_point() and not torch.isfinite(t).all():
-        raise CheckpointError(f"lowbit: {source}: tensor {key} contains NaN or Inf values")
-    return t.to(ref.dtype)
-
-
 def assign_tensors(
     model: nn.Module, tensors: Mapping[str, torch.Tensor] | SafetensorsCheckpoint, source: str
 ) -> None:
-    """Loads every tensor into the skeleton, ties weights, and checks nothing is left out."""
+    """Loads every tensor into the skeleton (checking names, shapes, dtypes and that floats
+    are finite), casting full-precision floats to the model's dtype, then ties weights."""
+    check_tensor_names(model, list(tensors.keys()), source)
     expected = model.state_dict()
-    unexpected = [k for k in tensors.keys() if k not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"lowbit: {source} holds tensors the model does not have, e.g. {unexpected[0]} "
-            f"({len(unexpected)} in all): the weights do not match the config"
-        )
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    tied_names = set(tied) | set(tied.values())
-    missing = [k for k in expected if k not in tensors and k not in tied_names]
-    if missing:
-        raise CheckpointError(
-            f"lowbit: {source} lacks tensor {missing[0]}{_describe(missing[0], model)}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
     state = {}
     for key in tqdm(
         list(tensors.keys()), desc="lowbit: loading tensors", leave=False, disable=len(expected) < 512
     ):
         t = tensors[key]
-        state[key] = _converted(key, t, expected[key], model, source)
+        check_tensor_header(key, t.dtype, tuple(t.shape), expected[key], model, source)
+        check_finite(key, t, source)
+        state[key] = t.to(expected[key].dtype)
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except ValueError as exc:  # a module's own checks (e.g. a permutation that is not one)
         raise CheckpointError(f"lowbit: {source}: {exc}") from exc
-    if tied:
+    if getattr(model, "all_tied_weights_keys", None):
         model.tie_weights()
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_empty:
@@ -411,10 +297,31 @@ def tokenizer_files(path: Path) -> list[str]:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint, or None if there is none."""
-    if not tokenizer_files(Path(path)):
+    """The tokenizer saved beside a checkpoint, or None if there is none. Its files must lie
+    inside the directory; code of its own (auto_map) is refused, never run."""
+    path = Path(path)
+    if not tokenizer_files(path):
         return None
-    return transformers.AutoTokenizer.from_pretrained(path)
+    check_directory(path)
+    if os.path.lexists(path / "tokenizer_config.json"):
+        refuse_custom_code(read_json_file(path, "tokenizer_config.json"), path / "tokenizer_config.json")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # the tokenizers library raises plain Exceptions for corrupt files
+        raise CheckpointError(f"lowbit: cannot load the tokenizer saved in {path}: {exc}") from exc
+
+
+def check_checkpoint(
+    path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[transformers.PretrainedConfig, dict[str, Any], SafetensorsCheckpoint]:
+    """(config, quantization_config, tensors) of a lowbit checkpoint, with everything checked
+    that can be without reading tensor data (lowbit.io.validate)."""
+    config, reader = open_checkpoint(path)
+    qc = check_quantization_config(
+        getattr(config, "quantization_config", None), f"{path}/config.json quantization_config"
+    )
+    check_tensors(meta_model(config, dtype, qc["modules"]), reader, str(path))
+    return config, qc, reader
 
 
 def load_quantized(
@@ -431,11 +338,7 @@ def load_quantized(
     quantized layers keep their stored scale dtype. The tokenizer, if saved
     beside the weights, comes from `lowbit.load_tokenizer(path)`.
     """
-    config = read_model_config(path)
-    qc = check_quantization_config(
-        getattr(config, "quantization_config", None), f"{path}/config.json quantization_config"
-    )
-    reader = SafetensorsCheckpoint(path)
+    config, qc, reader = check_checkpoint(path, dtype)
     model = build_skeleton(config, dtype)
     install_quant_linears(model, qc["modules"])
     assign_tensors(model, reader, str(path))

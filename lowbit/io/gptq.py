@@ -42,16 +42,18 @@ from lowbit.io.checkpoint import (
     install_quant_linears,
     module_spec,
     quant_modules,
-    read_model_config,
     save_config_files,
 )
 from lowbit.io.files import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsCheckpoint,
     atomic_directory,
+    read_json_file,
     unique_tensors,
     write_safetensors,
 )
+from lowbit.io.patterns import SafePattern
+from lowbit.io.validate import check_tensors, open_checkpoint
 from lowbit.nn import PermutedQuantLinear, QuantLinear
 from lowbit.nn.modules import linear_layers, linear_weight
 from lowbit.quant.schemes import MethodSettings
@@ -270,8 +272,8 @@ def export_gptq(
 
 def _read_gptq_config(path: Path, config) -> dict[str, Any]:
     qc = getattr(config, "quantization_config", None)
-    if qc is None and (path / "quantize_config.json").is_file():
-        qc = json.loads((path / "quantize_config.json").read_text())
+    if qc is None and os.path.lexists(path / "quantize_config.json"):
+        qc = read_json_file(path, "quantize_config.json")
     if not isinstance(qc, Mapping):
         raise CheckpointError(
             f"lowbit: {path} has no GPTQ quantization_config (config.json or quantize_config.json)"
@@ -281,28 +283,60 @@ def _read_gptq_config(path: Path, config) -> dict[str, Any]:
     if method != "gptq":
         hint = " (a lowbit checkpoint: use lowbit.load_quantized)" if method == "lowbit" else ""
         raise CheckpointError(f"lowbit: {path} is quantized with {method!r}, not GPTQ{hint}")
-    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
-    if fmt not in ("gptq", "gptq_v2"):
+    present = [key for key in ("checkpoint_format", "format") if key in qc]
+    fmt = qc[present[0]] if present else "gptq"  # absent: v1, as AutoGPTQ writes it
+    if not isinstance(fmt, str) or fmt.lower() not in ("gptq", "gptq_v2"):
         raise CheckpointError(
             f"lowbit: GPTQ checkpoint_format {fmt!r} is not supported (only 'gptq' (v1) and 'gptq_v2')"
         )
-    qc["checkpoint_format"] = fmt
+    qc["checkpoint_format"] = fmt.lower()
     for key in ("bits", "group_size"):
-        if not isinstance(qc.get(key), int):
+        if not format.is_int(qc.get(key)):
             raise CheckpointError(f"lowbit: the GPTQ quantization_config lacks an integer {key!r}")
+    qc["dynamic"] = _read_dynamic(qc.get("dynamic"))
     return qc
+
+
+def _read_dynamic(dynamic: Any) -> list[tuple[str, SafePattern, dict[str, Any]]]:
+    """GPTQModel's `dynamic` table as (sign, pattern, setting) entries, in order: each key a
+    regular expression with an optional "+:" (quantize with the setting) or "-:" (leave in full
+    precision) prefix, each value an object whose bits and group_size are integers. The
+    patterns are data: matched in bounded time (`lowbit.io.patterns`)."""
+    if dynamic is None:
+        return []
+    if not isinstance(dynamic, Mapping):
+        raise CheckpointError(
+            f"lowbit: the GPTQ dynamic table must be an object of pattern -> settings, got {dynamic!r}"
+        )
+    entries = []
+    for key, setting in dynamic.items():
+        if not isinstance(key, str) or not isinstance(setting, Mapping):
+            raise CheckpointError(
+                f"lowbit: the GPTQ dynamic entry {key!r} must map a pattern to an object, got {setting!r}"
+            )
+        sign, regex = (key[0], key[2:]) if key[:2] in ("+:", "-:") else ("+", key)
+        try:
+            pattern = SafePattern(regex)
+        except ValueError as exc:
+            raise CheckpointError(f"{exc} (the GPTQ dynamic entry {key!r})") from exc
+        for name in ("bits", "group_size"):
+            if name in setting and not format.is_int(setting[name]):
+                raise CheckpointError(
+                    f"lowbit: the GPTQ dynamic entry {key!r} has a {name} that is not an integer: {setting[name]!r}"
+                )
+        entries.append((sign, pattern, dict(setting)))
+    return entries
 
 
 def _dynamic_scheme(name: str, qc: Mapping[str, Any]) -> tuple[int, int]:
     """bits and group size of GPTQ layer `name` under GPTQModel's `dynamic` table: the first
     pattern that matches the name's start decides; "-:" patterns mean full precision."""
-    for pattern, setting in (qc.get("dynamic") or {}).items():
-        sign, regex = (pattern[0], pattern[2:]) if pattern[:2] in ("+:", "-:") else ("+", pattern)
-        if re.match(regex, name):
+    for sign, pattern, setting in qc["dynamic"]:
+        if pattern.match(name):
             if sign == "-":
                 raise CheckpointError(
-                    f"lowbit: the GPTQ dynamic entry {pattern!r} leaves {name} in full precision, "
-                    f"but the checkpoint holds {name}.qweight"
+                    f"lowbit: the GPTQ dynamic entry {sign}:{pattern.pattern!r} leaves {name} in full "
+                    f"precision, but the checkpoint holds {name}.qweight"
                 )
             return setting.get("bits", qc["bits"]), setting.get("group_size", qc["group_size"])
     return qc["bits"], qc["group_size"]
@@ -343,20 +377,32 @@ def gptq_layer(
         raise CheckpointError(
             f"lowbit: GPTQ tensors {name}.qweight and .qzeros must be int32 (pack_dtype int32)"
         )
-    if not torch.isfinite(scales).all():
-        raise CheckpointError(f"lowbit: GPTQ tensor {name}.scales contains NaN or Inf values")
+    bias = tensors.get(f"{name}.bias")
+    if scales.dtype not in format.FLOAT_DTYPES or (bias is not None and bias.dtype != scales.dtype):
+        raise CheckpointError(
+            f"lowbit: GPTQ tensor {name}.scales must be float16, bfloat16 or float32 and {name}.bias "
+            f"(if any) of the same dtype; got {scales.dtype}"
+            + (f" and {bias.dtype}" if bias is not None else "")
+        )
+    if bias is not None:
+        _expect_shape(f"{name}.bias", bias, [n], scheme)
+    for key, t in ((f"{name}.scales", scales), (f"{name}.bias", bias)):
+        if t is not None and not torch.isfinite(t).all():
+            raise CheckpointError(f"lowbit: GPTQ tensor {key} contains NaN or Inf values")
 
     codes = unpack_rows(qweight, bits, k).T.to(torch.uint8)
     zeros = unpack_columns(qzeros, bits, n) + (1 if version == 1 else 0)  # v1 stores z - 1
     scales = scales.T.contiguous()
-    bias = tensors.get(f"{name}.bias")
     layer_args = dict(bits=bits, group_size=g)
 
     contiguous = torch.arange(k) // g
     g_idx = tensors.get(f"{name}.g_idx")
+    if g_idx is not None and (g_idx.dtype not in (torch.int32, torch.int64) or list(g_idx.shape) != [k]):
+        raise CheckpointError(
+            f"lowbit: GPTQ tensor {name}.g_idx must be int32 [{k}], got {g_idx.dtype} {list(g_idx.shape)}"
+        )
     if g_idx is None or torch.equal(g_idx.long(), contiguous):
         return QuantLinear.from_quantized(codes, scales, zeros.T.to(scales.dtype), bias, **layer_args)
-    _expect_shape(f"{name}.g_idx", g_idx, [k], scheme)
     perm = torch.argsort(g_idx.long(), stable=True)
     if not torch.equal(g_idx.long()[perm], contiguous):
         raise CheckpointError(
@@ -365,6 +411,46 @@ def gptq_layer(
         )
     layer = QuantLinear.from_quantized(codes[:, perm], scales, zeros.T.to(scales.dtype), bias, **layer_args)
     return PermutedQuantLinear.from_permuted(layer, perm)
+
+
+def _gptq_layer_names(meta: nn.Module, reader: SafetensorsCheckpoint, path: Path) -> list[str]:
+    """The linear layers the checkpoint holds in GPTQ form (a `qweight`), checked against the
+    model built on the meta device: each a linear layer with exactly the GPTQ tensors, and the
+    full-precision rest with the model's names, dtypes and shapes."""
+    linears = linear_layers(meta)
+    names = [key.removesuffix(".qweight") for key in reader.keys() if key.endswith(".qweight")]
+    if not names:
+        raise CheckpointError(f"lowbit: {path} has no GPTQ layers (no *.qweight tensors)")
+    for name in names:
+        if name not in linears:
+            raise CheckpointError(f"lowbit: {path} holds {name}.qweight, but {name} is not a linear layer of the model")
+        for t in ("qzeros", "scales"):
+            if f"{name}.{t}" not in reader:
+                raise CheckpointError(f"lowbit: {path} lacks tensor {name}.{t}")
+    layers = set(names)
+    for key in reader.keys():
+        owner, _, tensor = key.rpartition(".")
+        if owner in layers and tensor not in GPTQ_TENSORS:
+            raise CheckpointError(f"lowbit: {path} holds tensor {key}, which is not a GPTQ layer's")
+    for tensor in ("scales", "bias"):  # one dtype for all layers: the format records none
+        dtypes = {reader.header(f"{n}.{tensor}")[0]: n for n in names if f"{n}.{tensor}" in reader}
+        if len(dtypes) > 1:
+            found = ", ".join(f"{n}.{tensor} {d}" for d, n in dtypes.items())
+            raise CheckpointError(f"lowbit: {path}: the GPTQ layers' {tensor} differ in dtype ({found})")
+    check_tensors(meta, reader, str(path), skipped_modules=tuple(names))
+    return names
+
+
+def check_gptq_checkpoint(path: Path, dtype: torch.dtype | None = None):
+    """(config without quantization_config, GPTQ config, tensors, GPTQ layer names) of a GPTQ
+    checkpoint, with everything checked that can be without reading tensor data."""
+    config, reader = open_checkpoint(path)
+    qc = _read_gptq_config(path, config)
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the imported model is a lowbit model
+    layers = _gptq_layer_names(build_skeleton(config, dtype, meta=True), reader, path)
+    return config, qc, reader, layers
 
 
 def load_gptq(
@@ -381,33 +467,23 @@ def load_gptq(
     in eval mode on `device`; save it with `lowbit.save_quantized`.
     """
     path = Path(path)
-    config = read_model_config(path)
-    qc = _read_gptq_config(path, config)
+    config, qc, reader, layers = check_gptq_checkpoint(path, dtype)
     version = 2 if qc["checkpoint_format"] == "gptq_v2" else 1
-    reader = SafetensorsCheckpoint(path)
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the imported model is a lowbit model
     model = build_skeleton(config, dtype)
 
     tensors = {}
     specs = {}
     for name, linear in linear_layers(model).items():
-        if f"{name}.qweight" not in reader:
+        if name not in layers:
             continue
         n, k = linear_weight(linear).shape
         bits, group_size = _dynamic_scheme(name, qc)
         gptq = {f"{name}.{t}": reader[f"{name}.{t}"] for t in GPTQ_TENSORS if f"{name}.{t}" in reader}
-        for t in ("qzeros", "scales"):
-            if f"{name}.{t}" not in gptq:
-                raise CheckpointError(f"lowbit: {path} lacks tensor {name}.{t}")
         layer = gptq_layer(name, gptq, k, n, bits, group_size, version)
         specs[name] = module_spec(layer)
         tensors.update({f"{name}.{key}": t for key, t in layer.state_dict().items()})
-    if not specs:
-        raise CheckpointError(f"lowbit: {path} has no GPTQ layers (no *.qweight tensors)")
-    gptq_keys = {f"{name}.{t}" for name in specs for t in GPTQ_TENSORS}
-    tensors.update({key: reader[key] for key in reader.keys() if key not in gptq_keys})
+    prefixes = tuple(f"{name}." for name in layers)
+    tensors.update({key: reader[key] for key in reader.keys() if not key.startswith(prefixes)})
     install_quant_linears(model, specs)
     assign_tensors(model, tensors, str(path))
     model.lowbit_config = MethodSettings(

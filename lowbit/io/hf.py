@@ -9,9 +9,10 @@ transformers' quantizer registry is (see `lowbit.io.hf_hook`), so
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-import torch
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -22,13 +23,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit.errors import CheckpointError
-from lowbit.io.checkpoint import (
-    QUANT_METHOD,
-    check_quantization_config,
-    install_quant_linears,
-    quant_modules,
-    recorded_settings,
-)
+from lowbit.io.checkpoint import check_checkpoint, install_quant_linears, quant_modules, recorded_settings
+from lowbit.io.validate import QUANT_METHOD, check_finite, check_quantization_config, check_tensors, open_tensors
 from lowbit.nn.permuted import PermutedQuantLinear, check_permutation
 
 
@@ -41,12 +37,26 @@ class LowbitConfig(QuantizationConfigMixin):
 
 
 class LowbitHfQuantizer(HfQuantizer):
-    """Loads pre-quantized lowbit checkpoints (it does not quantize on the fly)."""
+    """Loads pre-quantized lowbit checkpoints (it does not quantize on the fly), with the
+    validation of `load_quantized` (lowbit.io.validate): what it loads is what that loads."""
 
     requires_calibration = True
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def update_attn_implementation(self, config):
+        """Called before the model is built: a local directory gets `load_quantized`'s checks
+        here (config, files, sizes, the tensors' headers against the model built on the meta
+        device), so that transformers builds only what lowbit would."""
+        directory = Path(str(getattr(config, "_name_or_path", "") or ""))
+        if directory.is_dir():
+            check_checkpoint(directory)
+        return config
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         install_quant_linears(model, self.quantization_config.modules)
+        directory = _directory_of(checkpoint_files)
+        reader = open_tensors(directory)
+        check_tensors(model, reader, str(directory))
+        self.stored_tensors, self.directory = reader.keys(), directory
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, module in quant_modules(model).items():
@@ -54,13 +64,15 @@ class LowbitHfQuantizer(HfQuantizer):
                 key = f"{name}.{tensor_name}"
                 if t.is_meta or not getattr(t, "_is_hf_initialized", False):
                     raise CheckpointError(f"lowbit: the checkpoint lacks tensor {key}")
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise CheckpointError(f"lowbit: checkpoint tensor {key} contains NaN or Inf values")
             if isinstance(module, PermutedQuantLinear):
                 try:
                     check_permutation(module.input_perm, module.in_features, f"{name}.input_perm")
                 except ValueError as exc:
                     raise CheckpointError(str(exc)) from exc
+        state = model.state_dict()
+        for key in self.stored_tensors:
+            if not state[key].is_meta:  # (offloaded to disk by a device_map)
+                check_finite(key, state[key], str(self.directory))
         model.lowbit_config = recorded_settings(self.quantization_config.to_dict())
         return model
 
@@ -70,6 +82,16 @@ class LowbitHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _directory_of(checkpoint_files: list[str] | None) -> Path:
+    """The one directory holding the weight files transformers resolved."""
+    directories = {Path(os.path.realpath(Path(f).parent)) for f in checkpoint_files or ()}
+    if len(directories) != 1:
+        raise CheckpointError(
+            f"lowbit: a lowbit checkpoint's weight files must lie in one directory, got {sorted(directories)}"
+        )
+    return directories.pop()
 
 
 def register() -> None:

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lowbit.io.checkpoint import QUANT_METHOD, check_quantization_config, read_model_config, tokenizer_files
-from lowbit.io.files import SafetensorsCheckpoint
+from lowbit.io.checkpoint import check_checkpoint, tokenizer_files
+from lowbit.io.files import read_json_file
+from lowbit.io.gptq import check_gptq_checkpoint
+from lowbit.io.validate import QUANT_METHOD, check_directory, read_model_config
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -19,9 +20,10 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     for lowbit and GPTQ checkpoints alike, the base for `lowbit info`."""
     path = Path(path)
     config = read_model_config(path)
+    check_directory(path)
     qc = getattr(config, "quantization_config", None)
-    if not isinstance(qc, Mapping) and (path / "quantize_config.json").is_file():
-        qc = json.loads((path / "quantize_config.json").read_text())
+    if not isinstance(qc, Mapping) and os.path.lexists(path / "quantize_config.json"):
+        qc = read_json_file(path, "quantize_config.json")
     files = sorted(path.glob("*.safetensors"))
     info: dict[str, Any] = {
         "path": str(path),
@@ -31,7 +33,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         "tokenizer": bool(tokenizer_files(path)),
     }
     if isinstance(qc, Mapping) and qc.get("quant_method") == QUANT_METHOD:
-        qc = check_quantization_config(qc, f"{path}/config.json quantization_config")
+        _, qc, _ = check_checkpoint(path)
         schemes = Counter(f"{s['bits']}-bit g{s['group_size']}" for s in qc["modules"].values())
         adapters = Counter(
             f"rank {a['rank']} {a['dtype']}" for s in qc["modules"].values() if (a := s.get("adapter"))
@@ -49,14 +51,14 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
             method_config=qc.get("method_config") or {},
         )
     elif isinstance(qc, Mapping) and qc.get("quant_method", "gptq") == "gptq" and "bits" in qc:
-        reader = SafetensorsCheckpoint(path)
+        _, qc, _, layers = check_gptq_checkpoint(path)
         info.update(
             format=str(qc.get("checkpoint_format") or qc.get("format") or "gptq"),
             method="gptq",
             bits=qc.get("bits"),
             group_size=qc.get("group_size"),
             desc_act=qc.get("desc_act"),
-            quantized_modules=sum(k.endswith(".qweight") for k in reader.keys()),
+            quantized_modules=len(layers),
         )
     else:
         info.update(format="full precision" if qc is None else str(qc.get("quant_method")))

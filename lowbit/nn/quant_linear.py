@@ -98,7 +98,8 @@ class QuantLinear(nn.Module):
         bits: int,
         group_size: int | None,
     ) -> QuantLinear:
-        """Builds a layer from codes (uint8 [N, K]) or packed words (int32), e.g. from calibration."""
+        """Builds a layer from codes (uint8 [N, K]) or packed words (int32), e.g. from calibration.
+        The layer's dtype is that of `scales`; `zeros` must have it too, `bias` is cast to it."""
         format.check_bits(bits)
         if codes_or_packed.dtype == torch.uint8:
             packed = ops.pack(codes_or_packed, bits)
@@ -110,6 +111,11 @@ class QuantLinear(nn.Module):
             raise UsageTypeError(
                 "lowbit: from_quantized takes uint8 codes or int32 packed words, got "
                 f"{codes_or_packed.dtype}"
+            )
+        if zeros.dtype != scales.dtype:  # a cast would move fractional zeros silently
+            raise UsageTypeError(
+                f"lowbit: from_quantized: zeros are {zeros.dtype} but scales {scales.dtype}; they must share "
+                "one dtype (cast them explicitly)"
             )
         group_size = format.resolve_group_size(group_size, in_features)
         layer = cls(

@@ -49,6 +49,11 @@ def name_matches(name: str, pattern: str) -> bool:
 def check_overrides(overrides: Overrides | None) -> dict[str, dict[str, int | None] | None]:
     """Validates an override table and returns it as a plain ordered dict (JSON-ready)."""
     checked: dict[str, dict[str, int | None] | None] = {}
+    if isinstance(overrides, str) or (overrides is not None and not isinstance(overrides, (Mapping, Sequence))):
+        raise UsageError(
+            f"lowbit: overrides must map patterns to settings (a dict or (pattern, setting) pairs), "
+            f"got {overrides!r}"
+        )
     pairs = overrides.items() if isinstance(overrides, Mapping) else (overrides or ())
     for pair in pairs:
         if not (isinstance(pair, Sequence) and len(pair) == 2 and isinstance(pair[0], str)):

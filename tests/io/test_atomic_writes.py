@@ -1,6 +1,7 @@
 """Atomic checkpoint writes (lowbit.io.files): an interrupted or killed save leaves the
 old checkpoint as it was, and a save never replaces what is not a model directory."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,99 @@ def test_save_refuses_a_model_without_quantized_layers(tmp_path):
     with pytest.raises(ValueError, match="no QuantLinear layers"):
         save_quantized(tiny_llama(), tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+# --- a kill at any point ----------------------------------------------------------------------
+
+
+def snapshot(path):
+    return {p.name: p.read_bytes() for p in path.iterdir()} if path.is_dir() else None
+
+
+KILL_POINTS = ("save_file", "rename", "replace", "rmtree", "_exchange", "mkdir")
+
+
+def _save_killed_at(point, model, path):
+    """In a forked child: saves, dying (os._exit, no cleanup) at the `point`-th call of the file
+    operations the save makes. Returns the child's exit status (7: killed, 0: finished first)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            calls = [0]
+
+            def dying(real):
+                def wrapper(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == point:
+                        os._exit(7)
+                    return real(*args, **kwargs)
+                return wrapper
+
+            for name in KILL_POINTS:
+                owner = {"rename": os, "replace": os, "mkdir": Path, "rmtree": files.shutil}.get(name, files)
+                setattr(owner, name, dying(getattr(owner, name)))
+            save_quantized(model, path, max_shard_size="40KB")
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_kill_at_any_point_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch, exchange, one_thread):
+    path = tmp_path / "ckpt"
+    save_quantized(quantized(tiny_opt(), 4), path, max_shard_size="40KB")
+    old = snapshot(path)
+    new_model = quantized(tiny_opt(), 2)
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    outcomes = []
+    for point in range(1, 40):
+        status = _save_killed_at(point, new_model, path)
+        assert status in (0, 7)
+        now = snapshot(path)
+        if exchange:
+            assert now is not None, f"killed at file operation {point}: {path} is missing"
+        if now is None:  # two renames, killed between them: the next save puts the old one back
+            files.clean_leftovers(path)
+            now = snapshot(path)
+        assert now is not None
+        outcomes.append("old" if now == old else "new")
+        if now != old:  # then the whole new checkpoint
+            assert load_quantized(path).model.decoder.layers[0].fc1.bits == 2
+        files.clean_leftovers(path)
+        assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # leftovers of the dead child are gone
+        if status == 0:
+            break
+        if now != old:  # restore the old checkpoint for the next kill point
+            save_quantized(quantized(tiny_opt(), 4), path, max_shard_size="40KB")
+            old = snapshot(path)
+    assert status == 0 and "old" in outcomes and outcomes[-1] == "new"
+
+
+def test_leftovers_of_running_saves_are_kept(tmp_path):
+    save_quantized(quantized(tiny_opt()), tmp_path / "ckpt")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = tmp_path / f".ckpt.partial-{alive.pid}-0123abcd"
+        dead = tmp_path / ".ckpt.partial-999999999-0123abcd"
+        legacy = tmp_path / ".ckpt.old-x1y2z3"
+        for d in (mine, dead, legacy):
+            d.mkdir()
+        save_quantized(quantized(tiny_opt()), tmp_path / "ckpt")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", mine.name])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_checkpoint_directories_follow_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        save_quantized(quantized(tiny_opt()), tmp_path / "ckpt")
+        save_quantized(quantized(tiny_opt()), tmp_path / "ckpt")  # the replacing path too
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "ckpt" / "config.json").stat().st_mode & 0o777 == mode & 0o666

@@ -111,6 +111,14 @@ def test_constructor_and_conversion_reject_bad_settings():
     with pytest.raises(TypeError, match="uint8 codes or int32 packed"):
         QuantLinear.from_quantized(torch.zeros(4, 64), torch.ones(4, 2), torch.ones(4, 2),
                                    bits=2, group_size=32)
+    codes = torch.zeros(4, 64, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="zeros are torch.float32 but scales torch.float16"):
+        QuantLinear.from_quantized(codes, torch.ones(4, 2).half(), torch.full((4, 2), 1.25), bits=2, group_size=32)
+    for bad in (3.0, True, "3"):
+        with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
+            QuantLinear(64, 8, bad, 32)
+    with pytest.raises(ValueError, match="in_features must be a positive multiple of 32"):
+        QuantLinear(64.0, 8, 2, 32)
 
 
 def test_huge_weights_need_fp32_scales():
