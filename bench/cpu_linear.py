@@ -20,7 +20,7 @@ orientation of nn.Linear.weight). Share the machine? Run it under
 `flock /tmp/lowbit-cpu.lock`.
 
 With --llamacpp (or $LOWBIT_COLDBENCH), each shape is also timed by llama.cpp's
-coldbench (the ggml-coldbench anchor: /work/shared/anchors/ggml-coldbench) with
+coldbench (shared/anchors/ggml-coldbench beside the checkout) with
 the same threads, time budget and rotation: ggml's f32 matmul and the k-quant of
 each bit width (2-bit Q2_K, 3-bit Q3_K, 4-bit Q4_K), plain and, at M > 1,
 repacked (Q2_K, Q4_K). The extra columns give llama.cpp's speedups over its own

@@ -1,6 +1,6 @@
 """llama.cpp's CPU matmuls next to lowbit's: runs and reads ggml's `coldbench` anchor.
 
-`coldbench` (its source and build: /work/shared/anchors/ggml-coldbench) times one
+`coldbench` (source and build: shared/anchors/ggml-coldbench beside the checkout) times one
 `ggml_mul_mat` of an N x K weight of a ggml type with M activation rows on llama.cpp's
 CPU backend, cold (weights rotated through more memory than the cache), as lowbit's
 `linear_table` does. Each lowbit bit width is compared with the k-quant of the nearest
