@@ -67,8 +67,8 @@ def main(argv=None):
         start = time.perf_counter()
         with kernels.use_cpu_exact(exact), context:
             results[name] = token_perplexity(model, stream, args.seqlen, args.max_windows, progress=False)
-        print(f"{name:24s} perplexity {results[name]:.4f}  ({time.perf_counter() - start:.0f} s, "
-              f"kernel at {ROWS} rows: {kernels.cpu_linear_kernel(ROWS) if not exact else 'gemv'})")
+            kernel = kernels.cpu_linear_kernel(ROWS if not exact else args.seqlen)
+        print(f"{name:24s} perplexity {results[name]:.4f}  ({time.perf_counter() - start:.0f} s, kernel: {kernel})")
     exact, q8 = results.values()
     print(f"{args.checkpoint}: {args.data} evaluation split, {args.max_windows} windows x {args.seqlen} "
           f"tokens, CPU variant {kernels.cpu_isa()}: integer path changes perplexity by "
