@@ -95,11 +95,12 @@ struct Vec8 {
   static I zero_i() { return _mm256_setzero_si256(); }
   static I splat_bytes(uint8_t b) { return _mm256_set1_epi8(static_cast<char>(b)); }
   static I or_and(I a, I b, I c) { return _mm256_or_si256(a, _mm256_and_si256(b, c)); }
-  // acc + the sum of the four products u8 * s8 of each 32-bit lane. The
-  // 16-bit pair sums cannot saturate: codes are below 16, |x| below 128.
-  static I dpbusd(I acc, I u, I s) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-  }
+  // Products u8 * s8 summed in pairs into 16-bit lanes (vpmaddubsw) over a
+  // super-block, then into 32-bit lanes once (vpmaddwd). No 16-bit sum can
+  // overflow: a super-block adds at most 4 pairs of codes below 8, or 2 pairs
+  // below 16, times |x| <= 127 (at most 7620).
+  static I dot_add(I acc, I u, I s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
+  static I dot_lanes(I acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
   // Byte b: the low nibble of byte b / 2 of `words` (<= 4) words at p if b is
   // even, its high nibble if odd, in bits 0-3 (bits 4-7: garbage).
   static I expand_nibbles(const uint32_t* p, int words) {
@@ -161,7 +162,8 @@ struct Vec8x2 {
   static I zero_i() { return {Vec8::zero_i(), Vec8::zero_i()}; }
   static I splat_bytes(uint8_t b) { return {Vec8::splat_bytes(b), Vec8::splat_bytes(b)}; }
   static I or_and(I a, I b, I c) { return {Vec8::or_and(a.lo, b.lo, c.lo), Vec8::or_and(a.hi, b.hi, c.hi)}; }
-  static I dpbusd(I acc, I u, I s) { return {Vec8::dpbusd(acc.lo, u.lo, s.lo), Vec8::dpbusd(acc.hi, u.hi, s.hi)}; }
+  static I dot_add(I acc, I u, I s) { return {Vec8::dot_add(acc.lo, u.lo, s.lo), Vec8::dot_add(acc.hi, u.hi, s.hi)}; }
+  static I dot_lanes(I acc) { return {Vec8::dot_lanes(acc.lo), Vec8::dot_lanes(acc.hi)}; }
   static I expand_nibbles(const uint32_t* p, int words) {
     return {Vec8::expand_nibbles(p, words < 4 ? words : 4),
             words > 4 ? Vec8::expand_nibbles(p + 4, words - 4) : _mm256_setzero_si256()};

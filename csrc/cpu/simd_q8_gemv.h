@@ -1,12 +1,15 @@
 // The integer GEMV of cpu::linear for a few activation rows: x quantized to
 // int8 in groups of 32 (lowbit/q8.h), codes multiplied as unsigned bytes by
-// the signed bytes of x with 4-way integer dot products (V::dpbusd: VNNI
-// `vpdpbusd`, or `vpmaddubsw` + `vpmaddwd` on AVX2), scales applied once per
-// 32-bit lane, the zero points folded in through per-group sums of x.
+// the signed bytes of x with integer dot products (V::dot_add: VNNI
+// `vpdpbusd`, or `vpmaddubsw` on AVX2, widened to 32 bits once per
+// super-block), scales applied once per 32-bit lane, the zero points folded
+// in through per-group sums of x.
 // Included after simd_linear.h, under the same target switch and namespace;
 // it reuses its RowReader, GroupLanes and load_floats. Besides the operations
 // simd_linear.h lists, `V` provides zero_i, splat_bytes (a byte in every
-// byte), or_and (a | (b & c)), dpbusd and expand_nibbles (see vec16.h).
+// byte), or_and (a | (b & c)), expand_nibbles, and dot_add / dot_lanes: an
+// accumulator of u8 x s8 products over one super-block and its sums per
+// 32-bit lane (see vec16.h and avx2.cpp).
 //
 // Decoding ("a lane is a word", as in simd_linear.h, but byte-wise). A
 // super-block is kLanes words of the low plane, 4 * kLanes bytes; byte b of
@@ -130,14 +133,14 @@ void q8_tile(const RowReader<V, kBits>& reader, const GroupLanes<V, kBits>& lane
       for (int r = 0; r < R; ++r) {
         I code = V::and_(V::srli(raw[r], X::kPlaneBits * f), field_mask);
         if (kBits == 3) code = V::or_and(code, high_bit_at_2<V>(high[r], f), bit2);
-        for (int j = 0; j < MB; ++j) dot[r][j] = V::dpbusd(dot[r][j], code, xv[j]);
+        for (int j = 0; j < MB; ++j) dot[r][j] = V::dot_add(dot[r][j], code, xv[j]);
       }
     }
     for (int r = 0; r < R; ++r) {
       const F s = lanes.gather(scales[r], sb);
       for (int j = 0; j < MB; ++j) {
         const F sx = V::load(x.lanes.get() + (m0 + j) * x.lane_stride + sb * L);
-        acc[r][j] = V::fmadd(V::to_float(dot[r][j]), V::mul(s, sx), acc[r][j]);
+        acc[r][j] = V::fmadd(V::to_float(V::dot_lanes(dot[r][j])), V::mul(s, sx), acc[r][j]);
       }
     }
   }

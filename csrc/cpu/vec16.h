@@ -51,7 +51,7 @@ struct Vec16 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
   }
 
-  // Integer dot products (the int8 GEMV of simd_int_gemv.h).
+  // Integer dot products (the int8 GEMV of simd_q8_gemv.h).
   static I zero_i() { return _mm512_setzero_si512(); }
   static I splat_bytes(uint8_t b) { return _mm512_set1_epi8(static_cast<char>(b)); }
   // a | (b & c) in one instruction.
@@ -64,7 +64,9 @@ struct Vec16 {
     return _mm512_or_si512(x, _mm512_slli_epi16(x, 4));
   }
 #if defined(LOWBIT_VEC16_VNNI)
-  // acc + the sum of the four products u8 * s8 of each 32-bit lane.
-  static I dpbusd(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  // acc + the sum of the four products u8 * s8 of each 32-bit lane; the
+  // accumulator is already in 32-bit lanes.
+  static I dot_add(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static I dot_lanes(I acc) { return acc; }
 #endif
 };

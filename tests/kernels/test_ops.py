@@ -171,6 +171,22 @@ def test_integer_path_stays_within_its_error_bound(isa, bits, m):
         assert rel_err(y, y_exact) < 1e-5
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sign", ["positive", "alternating"])
+def test_integer_path_at_the_largest_codes_and_activations(isa, bits, sign):
+    """Every code at 2^bits - 1 and every |x| quantized to 127: the integer
+    accumulators' largest sums (no 16-bit or 32-bit overflow)."""
+    n, k, g = 21, 1536, 64
+    packed = kernels.pack(torch.full((n, k), 2**bits - 1, dtype=torch.uint8), bits)
+    scales = torch.rand(n, k // g) + 0.5
+    zeros = torch.rand(n, k // g)
+    x = torch.full((3, k), 2.0)
+    if sign == "alternating":  # by group, so that the products do not cancel
+        x.view(3, -1, g)[:, ::2] = -2.0
+    y = kernels.linear(x, packed, scales, zeros, bits, g)
+    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < 1e-5
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_activations_give_nan_not_numbers(isa, bad):
     _, packed, scales, zeros = random_quant_weight(7, 96, 3, 32)
