@@ -35,12 +35,11 @@ namespace LOWBIT_SIMD_NAMESPACE {
 // and per-weight-group sums of the dequantized x (for the zero points).
 template <class V, int kBits>
 struct Q8Operand {
-  int64_t m;
   static constexpr int kPlaneBits = low_plane_bits(kBits);
   static constexpr int kFields = 8 / kPlaneBits;       // codes a byte holds
   static constexpr int kBlockBytes = 4 * V::kLanes;    // bytes of a super-block
   static constexpr int kBlockCodes = kBlockBytes * kFields;
-  int64_t super_blocks, q_stride, lane_stride, groups, sums_stride;
+  int64_t m, super_blocks, q_stride, lane_stride, groups, sums_stride;
   Scratch<int8_t> q;        // [m][super_blocks][kFields][kBlockBytes]
   Scratch<float> lanes;     // [m][super_blocks][kLanes]: each lane's x scale
   Scratch<float> sums;      // [m][sums_stride]: sum over group g of d * q, zero past the groups
