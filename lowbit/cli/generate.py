@@ -95,4 +95,4 @@ def run(args: argparse.Namespace) -> int:
 def kernels_on(device: str) -> str:
     if device != "cpu":
         return device
-    return f"cpu, {torch.get_num_threads()} threads, {backends.describe_cpu_kernels()}"
+    return f"cpu, {backends.describe_cpu_kernels()}"

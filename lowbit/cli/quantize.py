@@ -273,7 +273,7 @@ def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_
         notes.append(f"perplexity: {args.eval_data}{split}, {eval_windows} windows of {args.eval_seqlen} "
                      f"tokens (lowbit: the saved checkpoint, reloaded).")
     if fp.speed is not None:
-        where = (f"{torch.get_num_threads()} CPU threads, {backends.describe_cpu_kernels()}" if device == "cpu"
+        where = (f"CPU, {backends.describe_cpu_kernels()}" if device == "cpu"
                  else device)
         notes.append(f"speed on this machine ({where}): decode = greedy generation, batch 1, KV cache, "
                      f"{SPEED_NEW_TOKENS} new tokens, prefill excluded; linear layers = one pass through "

@@ -6,7 +6,6 @@ their pure-torch reference, and the choice of kernel variant.
 """
 
 from lowbit.kernels.backends import (
-    CPU_LINEAR_KERNELS,
     CUDA_LINEAR_PATHS,
     cpu_exact,
     cpu_isa,
@@ -23,7 +22,6 @@ from lowbit.kernels.backends import (
 from lowbit.kernels.ops import dequantize, in_features_of, linear, pack, unpack
 
 __all__ = [
-    "CPU_LINEAR_KERNELS",
     "CUDA_LINEAR_PATHS",
     "cpu_exact",
     "cpu_isa",

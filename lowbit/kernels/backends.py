@@ -52,9 +52,6 @@ def use_cpu_isa(name: str) -> Iterator[None]:
 
 # --- CPU activations: integer path or exact ------------------------------------------------
 
-CPU_LINEAR_KERNELS = ("q8-gemv", "gemv", "gemm")
-
-
 def cpu_linear_kernel(rows: int) -> str:
     """The CPU kernel `linear` runs for `rows` rows of x (all leading dimensions
     flattened): 'q8-gemv' (x quantized to int8 per 32 inputs, integer dot
@@ -76,11 +73,12 @@ def set_cpu_exact(exact: bool) -> None:
 
 
 def describe_cpu_kernels() -> str:
-    """One line for reports: the variant, and the kernels of decoding (one row)
-    and of prompts (many rows)."""
+    """One line for reports: the threads, the variant, and the kernels of
+    decoding (one row) and of prompts (many rows)."""
     decode = cpu_linear_kernel(1)
     x = "int8 x" if decode == "q8-gemv" else "fp32 x"
-    return f"{cpu_isa()} kernels, {decode} ({x}) at one row, {cpu_linear_kernel(64)} for prompts"
+    return (f"{torch.get_num_threads()} threads, {cpu_isa()} kernels, {decode} ({x}) at one row, "
+            f"{cpu_linear_kernel(64)} for prompts")
 
 
 @contextlib.contextmanager
