@@ -20,6 +20,8 @@ from lowbit.quant.schemes import MethodSettings, Scheme, check_overrides, resolv
 
 # Fields that change where files go or what is printed, never the result.
 _NOT_IN_FINGERPRINT = ("cache_dir", "progress")
+# Learning rates of the end-to-end stage, per parameter group.
+E2E_LR = {"scale": 1e-3, "lora": 1e-4}
 # Fields a method fills in when they are left at None (see `QuantConfig.resolved`).
 METHOD_DEFAULTED = ("nsamples", "seqlen", "epochs", "aug_loss")
 
@@ -79,6 +81,12 @@ class QuantConfig:
                         arguments, QuantConfig(method="apiq", lora_rank=8), and read as
                         attributes, config.lora_rank.
 
+    End-to-end stage (after the block-wise pass; lowbit.calib.e2e)
+      e2e_epochs        passes over the calibration windows training every layer's scales
+                        (and adapters) against the full-precision model's logits; 0: off.
+      e2e_lr            AdamW learning rates {"scale": ..., "lora": ...} (the scales train
+                        as factors on their stored values); missing keys take E2E_LR.
+
     Execution
       device            "cpu", "cuda", "cuda:1", ...; None: CUDA when available. One
                         decoder block at a time lives there; activations stay on the CPU.
@@ -106,6 +114,8 @@ class QuantConfig:
     skip: tuple[str, ...] = ("lm_head",)
     overrides: dict[str, dict[str, int | None] | None] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    e2e_epochs: int = 0
+    e2e_lr: dict[str, float] = field(default_factory=dict)
     device: str | None = None
     autocast: bool = True
     cache_dir: str | None = None
@@ -121,7 +131,13 @@ class QuantConfig:
         for name in ("sw_projections", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"lowbit: {name} must be at least 1, got {getattr(self, name)}")
-        for name, minimum in (("lr", "> 0"), ("weight_decay", ">= 0")):
+        unknown = sorted(set(self.e2e_lr) - set(E2E_LR))
+        if unknown:
+            raise UsageError(f"lowbit: e2e_lr has the groups {sorted(E2E_LR)}, not {unknown}")
+        self.e2e_lr = {**E2E_LR, **self.e2e_lr}
+        if isinstance(self.e2e_epochs, bool) or not (isinstance(self.e2e_epochs, int) and self.e2e_epochs >= 0):
+            raise UsageError(f"lowbit: e2e_epochs must be an integer >= 0, got {self.e2e_epochs!r}")
+        for name, minimum in (("lr", "> 0"), ("e2e_lr", "> 0"), ("weight_decay", ">= 0")):
             for group, value in getattr(self, name).items():
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 if not (ok and (value > 0 if minimum == "> 0" else value >= 0)):

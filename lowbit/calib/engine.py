@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from lowbit.calib.blocks import BlockCall, batches, capture_block_inputs, decoder_blocks, run_block
 from lowbit.calib.config import QuantConfig
 from lowbit.calib.data import calibration_tokens
+from lowbit.calib.e2e import EndToEnd, teacher_head
 from lowbit.calib.losses import reconstruction_loss
 from lowbit.calib.methods import LayerSpec, Method, get_method
 from lowbit.calib.resume import CheckpointStore, model_digest, settings_digest, tensor_digest
@@ -78,6 +79,7 @@ class CalibrationReport:
     quantized: list[str]
     skipped: dict[str, str]
     seconds: float
+    end_to_end: list[dict[str, Any]] = field(default_factory=list)  # mean KL per epoch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +96,8 @@ class CalibrationReport:
                     f"  sw {b.loss_before['sw']:.4g} -> {b.loss_after['sw']:.4g}  {b.seconds:.1f} s"
                     + ("  (resumed)" if b.resumed else "")
                 )
+        if self.end_to_end:
+            lines.append("  end to end  KL " + " -> ".join(f"{e['kl']:.4g}" for e in self.end_to_end))
         return "\n".join(lines)
 
 
@@ -123,6 +127,9 @@ def quantize(
     config = config or QuantConfig()
     method_cls = get_method(config.method)
     config = config.resolved(method_cls.defaults(config))
+    if config.e2e_epochs and not (export and method_cls.needs_data):
+        raise UsageError("lowbit: the end-to-end stage (e2e_epochs) needs a method that calibrates on data "
+                         f"(not {config.method}) and the exported layers (export=True)")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise UsageError("lowbit: this model already holds QuantLinear layers; quantize a full-precision model")
     prefix, blocks = decoder_blocks(model)
@@ -130,6 +137,7 @@ def quantize(
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     was_training = model.training
     model.eval()
+    end_to_end: list[dict[str, Any]] = []
     try:
         if method_cls.needs_data:
             if calibration is None:
@@ -141,18 +149,22 @@ def quantize(
                                         config.seed)
             config = dataclasses.replace(config, nsamples=tokens.shape[0], seqlen=tokens.shape[1])
             with method_cls.prepare(model, tokens, config) as run_config:
-                logs = _Run(model, prefix, blocks, plan, run_config, method_cls, device, export).calibrate(tokens)
+                run = _Run(model, prefix, blocks, plan, run_config, method_cls, device, export)
+                logs = run.calibrate(tokens)
         else:
             logs = _convert_without_data(prefix, blocks, plan, config, method_cls, device)
+        teacher = teacher_head(model) if config.e2e_epochs else None  # before the head is quantized
         for name, spec in outside.items():
             set_submodule(model, name, QuantLinear.from_linear(
                 model.get_submodule(name), spec.bits, spec.group_size, spec.scale_dtype))
+        if config.e2e_epochs:
+            end_to_end = EndToEnd(model, tokens, run.streams.fp, teacher, config, device, run.store).run()
     finally:
         model.train(was_training)
     model.lowbit_config = config.record()
     quantized = [spec.name for layers in plan for spec in layers.values()] + list(outside)
     return CalibrationReport(config.method, config.to_dict(), logs, quantized, skipped,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, end_to_end)
 
 
 # --- planning ----------------------------------------------------------------------------
@@ -237,7 +249,9 @@ class _Run:
     # --- the whole run ---
 
     def calibrate(self, tokens: torch.Tensor) -> list[BlockLog]:
-        store = self._checkpoints(tokens)
+        """Every block in turn; afterwards `streams` holds the last blocks' outputs and
+        `store` the checkpoints (None without cache_dir)."""
+        self.store = store = self._checkpoints(tokens)
         x, self.calls = capture_block_inputs(self.model, self.blocks, tokens)
         streams = _Streams(x, x)
         logs: list[BlockLog] = []
@@ -263,6 +277,7 @@ class _Run:
                     outer.set_postfix_str(f"mse {log.loss_before['mse']:.3g}->{log.loss_after['mse']:.3g}")
         finally:
             outer.close()
+        self.streams = streams
         return logs
 
     def _checkpoints(self, tokens: torch.Tensor) -> CheckpointStore | None:
@@ -325,6 +340,7 @@ class _Run:
         wrappers = method.setup(self._layers(i, block))
         _install(block, wrappers)
         if wrappers:
+            method.fit(lambda: self._forward(block, streams.q, call))
             log.loss_before = self._metrics(i, self._forward(block, streams.q, call), targets[0])
             log.epochs = self._train(i, block, method, streams.q, targets, call)
             with torch.no_grad():

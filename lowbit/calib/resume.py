@@ -154,14 +154,33 @@ class CheckpointStore(BlockStore):
 
     def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         path = self.block_path(index)
-        tensors, text = self.read_tensors(path), self.read_metadata(path).get("log")
+        return self.read_tensors(path), self._read_log(path, dict)
+
+    def _read_log(self, path: Path, kind: type) -> Any:
+        text = self.read_metadata(path).get("log")
         try:
             log = json.loads(text)
         except (TypeError, ValueError) as exc:
             raise self.corrupt(path, f"its log is not JSON ({exc})") from exc
-        if not isinstance(log, dict):
-            raise self.corrupt(path, f"its log is not a JSON object: {text[:40]!r}")
-        return tensors, log
+        if not isinstance(log, kind) or (kind is list and not all(isinstance(e, dict) for e in log)):
+            raise self.corrupt(path, f"its log is not a JSON {'object' if kind is dict else 'list of objects'}: "
+                                     f"{text[:40]!r}")
+        return log
 
     def load_streams(self) -> dict[str, torch.Tensor]:
         return self.read_tensors(self.streams_path)
+
+    # --- the end-to-end stage ---
+
+    @property
+    def e2e_path(self) -> Path:
+        return self.directory / "end_to_end.safetensors"
+
+    def has_e2e(self) -> bool:
+        return self.e2e_path.exists()
+
+    def save_e2e(self, state: dict[str, torch.Tensor], log: list[dict[str, Any]]) -> None:
+        self.write_tensors(self.e2e_path, state, {"log": json.dumps(log)})
+
+    def load_e2e(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        return self.read_tensors(self.e2e_path), self._read_log(self.e2e_path, list)

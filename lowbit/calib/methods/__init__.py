@@ -8,6 +8,7 @@ from typing import Any
 
 from lowbit.calib.methods.apiq import ApiQ
 from lowbit.calib.methods.base import LayerSpec, Method, Stage
+from lowbit.calib.methods.gptq import GPTQ
 from lowbit.calib.methods.omniquant import OmniQuant
 from lowbit.calib.methods.rtn import RTN
 from lowbit.calib.methods.tesseraq import TesseraQ
@@ -65,7 +66,7 @@ def check_method_settings(method: str, options: Mapping[str, Any]) -> dict[str, 
     return dict(options)
 
 
-for _cls in (RTN, OmniQuant, ApiQ, TesseraQ):
+for _cls in (RTN, GPTQ, OmniQuant, ApiQ, TesseraQ):
     register(_cls)
 
 __all__ = ["METHODS", "LayerSpec", "Method", "Stage", "check_method_settings", "get_method", "setting_default",

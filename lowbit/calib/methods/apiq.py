@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.calib.methods.base import LayerSpec, Method, Stage
+from lowbit.calib.methods.gptq import StartsFromGPTQ, check_init
 from lowbit.calib.methods.lwc import ClippedLinear, check_clip_init
 from lowbit.calib.seeds import derive_seed
 from lowbit.errors import UsageError, UsageTypeError
@@ -71,6 +72,8 @@ class ApiQSettings:
     stage_epochs   epochs per stage, e.g. {"wpt": 15, "mixedt": 0, "opt": 5}; missing
                    stages take the default.
     clip_init      the initial clip logits (4.0).
+    init           "rtn" (clipping and adapters trained from round-to-nearest) or
+                   "gptq" (from GPTQ's codes and searched ranges).
     """
 
     lora_rank: int | None = None
@@ -81,8 +84,10 @@ class ApiQSettings:
     reg_growth: float | None = None
     stage_epochs: dict[str, int] | None = None
     clip_init: float | None = None
+    init: str | None = None
 
     def __post_init__(self):
+        check_init(self.init)
         if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
             raise UsageError(f"lowbit: lora_rank must be an integer >= 1, got {self.lora_rank!r}")
         for name in ("lora_alpha", "reg_lambda", "reg_growth"):
@@ -115,8 +120,9 @@ class AdaptedLinear(ClippedLinear):
     """A ClippedLinear with a low-rank adapter: y = x Q(W)^T + b + scale * B (A x)."""
 
     def __init__(self, linear: nn.Module, spec: LayerSpec, rank: int, alpha: float,
-                 generator: torch.Generator, clip_init: float = 4.0):
-        super().__init__(linear, spec.bits, spec.group_size, spec.scale_dtype, init=clip_init)
+                 generator: torch.Generator, clip_init: float = 4.0, compensated: bool = False):
+        super().__init__(linear, spec.bits, spec.group_size, spec.scale_dtype, init=clip_init,
+                         compensated=compensated)
         out_features, in_features = linear_weight(linear).shape
         device = self.upper.device
         a = torch.empty(rank, in_features)
@@ -156,7 +162,7 @@ def saliency_penalty(saliency: torch.Tensor, w_hat: torch.Tensor, w: torch.Tenso
     return (saliency * (w_hat - w).square()).sum()
 
 
-class ApiQ(Method):
+class ApiQ(StartsFromGPTQ, Method):
     name = "apiq"
     Settings = ApiQSettings
 
@@ -182,6 +188,7 @@ class ApiQ(Method):
             "reg_growth": 1.0,
             "stage_epochs": stage_epochs,
             "clip_init": 4.0,
+            "init": "rtn",
         }
 
     @classmethod
@@ -236,7 +243,7 @@ class ApiQ(Method):
     def wrap(self, layer, spec):
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, spec.name, "lora"))
         return AdaptedLinear(layer, spec, self.config.lora_rank, self.config.lora_alpha, generator,
-                             clip_init=self.config.clip_init)
+                             clip_init=self.config.clip_init, compensated=self.compensates())
 
     # --- training ----------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ checkpoints and logging. A method says, for one decoder block at a time:
   stand-in that computes with fake-quantized weights);
 - what is trained, in which stages, with which optimiser groups (`stages`);
 - the loss (`loss`; by default `(1 - w) * MSE + w * SW` against each target);
-- what each layer becomes afterwards (`export`: normally a `QuantLinear`).
+- what each layer becomes afterwards (`export`: normally a `QuantLinear`);
+- optionally, what it sets from its layers' inputs before training (`fit`).
 
 and, for the run as a whole, its settings and budgets:
 
@@ -148,6 +149,11 @@ class Method:
         return []
 
     # --- optional hooks ----------------------------------------------------------------
+
+    def fit(self, run_block: Callable[[], object]) -> None:
+        """Called once before training, with the stand-ins installed: `run_block()` runs the
+        block over every calibration window of the quantized stream, without gradients (so
+        that a method can see its layers' inputs, as GPTQ does)."""
 
     def begin_stage(self, stage: Stage) -> None:
         """Called before a stage's first step (e.g. to harden part of the rounding)."""

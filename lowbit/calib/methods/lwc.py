@@ -94,13 +94,13 @@ class ClippedLinear(nn.Module):
     shape [out_features, groups, 1], initialised at `init`; sigmoid(4) = 0.982)."""
 
     def __init__(self, linear: nn.Module, bits: int, group_size: int, scale_dtype: torch.dtype,
-                 init: float = 4.0):
+                 init: float = 4.0, compensated: bool = False):
         super().__init__()
         self.linear = linear
         for p in linear.parameters():
             p.requires_grad_(False)
         self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
-        w = self.grouped_weight()
+        w = grouped(self.original_weight(), group_size)
         check_finite(w, "weight")
         # Derived from the frozen weight, so not part of the learned (checkpointed) state.
         self.register_buffer("wmax", w.amax(-1, keepdim=True).clamp(min=0), persistent=False)
@@ -108,14 +108,30 @@ class ClippedLinear(nn.Module):
         shape = (w.shape[0], w.shape[1], 1)
         self.upper = nn.Parameter(torch.full(shape, float(init), device=w.device))
         self.lower = nn.Parameter(torch.full(shape, float(init), device=w.device))
+        # With GPTQ (lowbit.calib.gptq): the weight that is rounded instead of the original,
+        # learned state like the clip logits. The grid (wmax, wmin) stays the original's.
+        self.register_buffer("compensated", self.original_weight().clone() if compensated else None)
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    def original_weight(self) -> torch.Tensor:
+        """The frozen weight of the original layer, float32 [out_features, in_features]."""
+        return linear_weight(self.linear).detach().float()
+
+    def weight_to_round(self) -> torch.Tensor:
+        """The GPTQ-compensated weight if set, else the original, float32 [out, in]."""
+        return self.original_weight() if self.compensated is None else self.compensated
+
+    def set_compensated(self, weight: torch.Tensor) -> None:
+        if self.compensated is None:
+            raise ValueError("this stand-in was built without room for a compensated weight")
+        self.compensated.copy_(weight)
+
     def grouped_weight(self) -> torch.Tensor:
-        """The original weight as float32 [out_features, groups, group_size]."""
-        return grouped(linear_weight(self.linear).detach().float(), self.group_size)
+        """The weight to round, float32 [out_features, groups, group_size]."""
+        return grouped(self.weight_to_round(), self.group_size)
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scales (differentiable in the clip logits) and integer zeros, [out, groups, 1]."""
@@ -136,7 +152,18 @@ class ClippedLinear(nn.Module):
         bias = self.linear.bias
         if bias is not None:  # QuantLinear stores the bias in the scales' dtype
             bias = bias.detach().to(self.scale_dtype).to(x.dtype)
-        return F.linear(x, self.fake_weight().to(x.dtype), bias)
+        weight = self.fake_weight() if torch.is_grad_enabled() else self._frozen_fake_weight()
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    def _frozen_fake_weight(self) -> torch.Tensor:
+        """fake_weight() without gradients, kept while no parameter or buffer of this
+        stand-in changes (the engine's evaluation passes run it once per window)."""
+        versions = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_frozen")
+        if cached is None or cached[0] != versions:
+            cached = (versions, self.fake_weight())
+            self.__dict__["_frozen"] = cached
+        return cached[1]
 
     @torch.no_grad()
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,7 +172,7 @@ class ClippedLinear(nn.Module):
         s, z = self.scales_zeros()
         scales = s.squeeze(-1).to(self.scale_dtype)
         zeros = z.squeeze(-1).to(self.scale_dtype)
-        codes = codes_for(linear_weight(self.linear).detach(), scales, zeros, self.bits)
+        codes = codes_for(self.weight_to_round(), scales, zeros, self.bits)
         return codes, scales, zeros
 
     def to_quant_linear(self) -> QuantLinear:

@@ -41,6 +41,7 @@ from torch import nn
 
 from lowbit.calib.methods.apiq import check_stage_epochs
 from lowbit.calib.methods.base import LayerSpec, Method, Stage
+from lowbit.calib.methods.gptq import StartsFromGPTQ, check_init
 from lowbit.calib.methods.lwc import ClippedLinear, cast_ste, check_clip_init
 from lowbit.errors import UsageError
 from lowbit.nn import QuantLinear
@@ -61,6 +62,8 @@ class TesseraQSettings:
     rounding_init        "omniquant" (learn the clipping first, stage "lwc") or "minmax".
     stage_epochs         {"lwc": epochs} of the clipping init (2).
     clip_init            the initial clip logits (4.0).
+    init                 "rtn" or "gptq": the rounding (and clipping) start from GPTQ's
+                         compensated weights and searched ranges.
     """
 
     rounding_thresholds: tuple[float, ...] | None = None
@@ -68,8 +71,10 @@ class TesseraQSettings:
     rounding_init: str | None = None
     stage_epochs: dict[str, int] | None = None
     clip_init: float | None = None
+    init: str | None = None
 
     def __post_init__(self):
+        check_init(self.init)
         t = self.rounding_thresholds
         if t is not None:
             t = tuple(float(x) for x in t)
@@ -97,8 +102,10 @@ class RoundingLinear(ClippedLinear):
     """Stand-in of tesseraq: a ClippedLinear until `start_rounding`, then the soft
     rounding quantizer of the module docstring on the frozen grid."""
 
-    def __init__(self, linear: nn.Module, spec: LayerSpec, clip_init: float = 4.0, train_clip: bool = True):
-        super().__init__(linear, spec.bits, spec.group_size, spec.scale_dtype, init=clip_init)
+    def __init__(self, linear: nn.Module, spec: LayerSpec, clip_init: float = 4.0, train_clip: bool = True,
+                 compensated: bool = False):
+        super().__init__(linear, spec.bits, spec.group_size, spec.scale_dtype, init=clip_init,
+                         compensated=compensated)
         if not train_clip:  # min-max: sigmoid(100) = 1 in float32, the range is the whole group
             with torch.no_grad():
                 self.upper.fill_(100.0)
@@ -183,7 +190,7 @@ class RoundingLinear(ClippedLinear):
         return [self.scale_logit]
 
 
-class TesseraQ(Method):
+class TesseraQ(StartsFromGPTQ, Method):
     name = "tesseraq"
     Settings = TesseraQSettings
 
@@ -201,6 +208,7 @@ class TesseraQ(Method):
             "rounding_init": "omniquant",
             "stage_epochs": {"lwc": 2},
             "clip_init": 4.0,
+            "init": "rtn",
         }
 
     @classmethod
@@ -214,7 +222,7 @@ class TesseraQ(Method):
 
     def wrap(self, layer, spec):
         return RoundingLinear(layer, spec, clip_init=self.config.clip_init,
-                              train_clip=self.config.rounding_init == "omniquant")
+                              train_clip=self.config.rounding_init == "omniquant", compensated=self.compensates())
 
     def stages(self) -> list[Stage]:
         lr, wd = self.config.lr, self.config.weight_decay
