@@ -429,7 +429,7 @@ class _Run:
         return distributed.sum_over_ranks(dict(sums))
 
     def _train(self, i, block, method: Method, inputs, targets, call) -> list[dict[str, Any]]:
-        n, batch_size = inputs.shape[0], self.config.batch_size
+        n, batch_size = self.shard.total, self.config.batch_size  # batches over every rank's windows
         per_epoch = math.ceil(n / batch_size)
         order = torch.Generator().manual_seed(derive_seed(self.config.seed, i, "batch order"))
         stages = method.stages()
