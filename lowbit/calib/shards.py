@@ -60,6 +60,7 @@ class ShardedWeights(ResidentWeights):
         if key not in self.reader and not ref.is_meta:  # a buffer the model makes itself
             return ref
         t = self.reader[key]
+        self.reader.close()  # its mapped pages would otherwise count as resident memory, shard by shard
         check_tensor_header(key, t.dtype, tuple(t.shape), ref, self.model, str(self.reader.path))
         check_finite(key, t, str(self.reader.path))
         return t.to(ref.dtype)

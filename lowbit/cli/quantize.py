@@ -75,7 +75,7 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
         for group, value in quick.pop("lr", {}).items():
             lr.setdefault(group, value)
         settings.update(quick)
-    for name in ("nsamples", "seqlen", "epochs"):
+    for name in ("nsamples", "seqlen", "epochs", "batch_size"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.saliency:
@@ -397,6 +397,9 @@ examples:
     g.add_argument("--nsamples", type=int_at_least(0), help="calibration windows")
     g.add_argument("--seqlen", type=int_at_least(0), help="tokens per calibration window")
     g.add_argument("--epochs", type=int_at_least(0), help="passes over the windows per decoder block")
+    g.add_argument("--batch-size", type=int_at_least(1),
+                   help="windows per training step, over all processes (default: 1; with --nproc, several "
+                        "per process)")
     g.add_argument("--lr", type=lr_entry_arg, action="append", default=[], metavar="GROUP=VALUE",
                    help="learning rate of a parameter group, e.g. clip=0.05 (repeatable)")
     g.add_argument("--sw-weight", type=float, default=0.0, metavar="W",

@@ -357,6 +357,11 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"lowbit: {full} is corrupt or truncated ({exc})") from exc
         return self._handles[file]
 
+    def close(self) -> None:
+        """Closes the open files: their mapped pages stop counting as this process's memory
+        (a reader that loads part by part calls it after each part)."""
+        self._handles.clear()
+
     def keys(self) -> list[str]:
         return list(self.file_of)
 

@@ -4,7 +4,8 @@ would). Usage: dist_worker.py SETTINGS_JSON OUTPUT; rank 0 writes the quantized 
 tensors to OUTPUT.
 
 SETTINGS_JSON: {"model": a model directory (out of core) or a seed (a tiny Llama in memory),
-"tokens_seed", "nsamples", "config": QuantConfig fields, "die_at_block": the block at which
+"tokens_seed" and "nsamples" (random windows) or "tokens_file" (a safetensors file with
+"tokens"), "config": QuantConfig fields, "die_at_block": the block at which
 rank 1 exits without a word}.
 """
 
@@ -13,7 +14,7 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny import random_tokens, tiny_model
 
 import lowbit
@@ -34,7 +35,10 @@ def main(settings: dict, output: str) -> int:
             return calibrate_block(self, i, streams)
 
         engine._Run._calibrate_block = dying
-    tokens = random_tokens(settings["nsamples"], 32, seed=settings["tokens_seed"])
+    if "tokens_file" in settings:
+        tokens = load_file(settings["tokens_file"])["tokens"]
+    else:
+        tokens = random_tokens(settings["nsamples"], 32, seed=settings["tokens_seed"])
     config = lowbit.QuantConfig(**settings["config"])
     try:
         if isinstance(settings["model"], str):
