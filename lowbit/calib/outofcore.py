@@ -36,7 +36,12 @@ from lowbit.io.checkpoint import (
     quantization_config,
     write_checkpoint,
 )
-from lowbit.io.files import DEFAULT_MAX_SHARD_SIZE, SAFETENSORS_DTYPES, atomic_directory, unique_tensors
+from lowbit.io.files import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SAFETENSORS_DTYPES,
+    atomic_directory,
+    unique_tensors,
+)
 from lowbit.io.validate import check_tensors, open_checkpoint
 
 STAGING = ".blocks"  # inside the output being written: each calibrated block's tensors

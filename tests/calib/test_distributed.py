@@ -67,9 +67,9 @@ def code_agreement(a: dict, b: dict) -> float:
 def assert_same_model(a: dict, b: dict) -> None:
     """Codes agree on at least 99.9 % of the weights; everything else within reduction error."""
     assert code_agreement(a, b) >= 0.999
-    for k in a:
-        if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
+    for k, t in a.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(t, b[k], rtol=1e-2, atol=1e-3)
 
 
 def test_two_processes_give_the_single_process_model(tmp_path):
