@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.calib.resume import model_digest
-from lowbit.io.files import SafetensorsCheckpoint, write_atomic
+from lowbit.io.files import SafetensorsCheckpoint, save_tensors, write_atomic
 from lowbit.io.validate import check_finite, check_tensor_header, tied_targets
 
 
@@ -79,7 +78,7 @@ class ShardedWeights(ResidentWeights):
         if self.staging is not None:
             prefix = f"{self.prefix}.{index}."
             tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-            write_atomic(self.staged_block(index), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+            write_atomic(self.staged_block(index), lambda p: save_tensors(tensors, p))
         block.to("meta")
 
     def staged_block(self, index: int) -> Path:

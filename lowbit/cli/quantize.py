@@ -4,12 +4,13 @@ save a lowbit checkpoint."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,8 @@ def quantize_and_report(args: argparse.Namespace, device: str) -> int:
                  argparse.Namespace(**{**vars(args), "bench": args.bench and main}), device, "full-precision")
     if source is not None:
         del model
-        report = quantize(source, config, calibration, tokenizer, output=output)
+        with saving_errors(output, resume_dir):
+            report = quantize(source, config, calibration, tokenizer, output=output)
     else:
         model.to("cpu")  # calibration moves one block at a time to the device
         report = quantize(model, config, calibration, tokenizer)
@@ -283,15 +285,21 @@ def quantize_and_report(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def saving_errors(output: Path, resume_dir: str | None) -> Iterator[None]:
+    """A failure to write the checkpoint (a full disk) in one line: what was there is kept."""
+    try:
+        yield
+    except OSError as exc:
+        again = "; the calibrated blocks are kept, so the same command resumes" if resume_dir else ""
+        raise UsageError(f"cannot save {output}: {exc.strerror or exc} (nothing was replaced){again}") from exc
+
+
 def save_in_memory(model: nn.Module, output: Path, tokenizer, resume_dir: str | None) -> None:
     from lowbit.io.checkpoint import save_quantized
 
-    try:
-        with activity(f"saving {output}"):
-            save_quantized(model, output, tokenizer)
-    except OSError as exc:  # a full disk: what was there is kept
-        again = "; the calibrated blocks are kept, so the same command resumes" if resume_dir else ""
-        raise UsageError(f"cannot save {output}: {exc.strerror or exc} (nothing was replaced){again}") from exc
+    with saving_errors(output, resume_dir), activity(f"saving {output}"):
+        save_quantized(model, output, tokenizer)
 
 
 def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence[str]) -> str:

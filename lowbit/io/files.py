@@ -195,6 +195,14 @@ def shard_names(n_shards: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
 
 
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file; a failure to write (a full disk) is an OSError."""
+    try:
+        save_file(dict(tensors), path, metadata={"format": "pt"})
+    except SafetensorError as exc:  # safetensors reports I/O errors (a full disk) as its own
+        raise _as_os_error(exc, path) from exc
+
+
 def write_safetensors(
     tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     sizes: Mapping[str, int] | None = None,
@@ -223,10 +231,7 @@ def write_safetensors(
             ptr = t.untyped_storage().data_ptr()
             shard[name] = t.clone() if ptr in storages else t  # safetensors refuses shared storage
             storages.add(ptr)
-        try:
-            save_file(shard, directory / file, metadata={"format": "pt"})
-        except SafetensorError as exc:  # safetensors reports I/O errors (a full disk) as its own
-            raise _as_os_error(exc, directory / file) from exc
+        save_tensors(shard, directory / file)
     if len(files) > 1:
         index = {
             "metadata": {"total_size": sum(sizes.values())},
