@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -32,14 +33,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.calib import distributed
 from lowbit.calib.blocks import BlockCall, batches, capture_block_inputs, decoder_blocks, run_block
 from lowbit.calib.config import QuantConfig
 from lowbit.calib.data import calibration_tokens
 from lowbit.calib.e2e import EndToEnd, teacher_head
 from lowbit.calib.losses import reconstruction_loss
 from lowbit.calib.methods import LayerSpec, Method, get_method
-from lowbit.calib.resume import CheckpointStore, model_digest, settings_digest, tensor_digest
+from lowbit.calib.resume import CheckpointStore, settings_digest, tensor_digest
 from lowbit.calib.seeds import derive_seed
+from lowbit.calib.shards import ResidentWeights
 from lowbit.errors import CalibrationError, UsageError
 from lowbit.format import DTYPE_NAMES, resolve_group_size
 from lowbit.nn import QuantLinear, dense_weights, linear_weight
@@ -80,6 +83,7 @@ class CalibrationReport:
     skipped: dict[str, str]
     seconds: float
     end_to_end: list[dict[str, Any]] = field(default_factory=list)  # mean KL per epoch
+    peak_rss: int | None = None  # bytes: the calibration's peak resident memory, when measured
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,14 +106,20 @@ class CalibrationReport:
 
 
 def quantize(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     config: QuantConfig | None = None,
     calibration: list[str] | torch.Tensor | None = None,
     tokenizer=None,
     *,
     export: bool = True,
+    output: str | os.PathLike | None = None,
 ) -> CalibrationReport:
     """Quantizes a Hugging Face causal LM in place, block by block; returns the report.
+
+    `model` may also be a model directory with safetensors weights: it is then calibrated
+    out of core, one decoder block in memory at a time, into the lowbit checkpoint `output`
+    (`lowbit.calib.outofcore`). In a torch.distributed job every process calibrates on a
+    share of the windows (`lowbit.calib.distributed`).
 
     `calibration` is a list of texts (tokenized with `tokenizer`; `config.nsamples`
     windows of `config.seqlen` tokens are drawn from them with `config.seed`) or a
@@ -123,6 +133,19 @@ def quantize(
     fake-quantized model, frozen). The resolved settings are recorded as
     `model.lowbit_config` (`QuantConfig.record`).
     """
+    if isinstance(model, (str, os.PathLike)):
+        from lowbit.calib.outofcore import quantize_directory
+
+        return quantize_directory(model, output, config, calibration, tokenizer)
+    if output is not None:
+        raise UsageError("lowbit: output is for a model directory; save a model in memory with lowbit.save_quantized")
+    return quantize_model(model, config, calibration, tokenizer, export=export)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None, calibration, tokenizer, *, export: bool = True,
+                   weights: ResidentWeights | None = None) -> CalibrationReport:
+    """`quantize` of a model whose weights `weights` loads block by block (default: in memory)."""
+    weights = weights or ResidentWeights()
     started = time.perf_counter()
     config = config or QuantConfig()
     method_cls = get_method(config.method)
@@ -130,6 +153,9 @@ def quantize(
     if config.e2e_epochs and not (export and method_cls.needs_data):
         raise UsageError("lowbit: the end-to-end stage (e2e_epochs) needs a method that calibrates on data "
                          f"(not {config.method}) and the exported layers (export=True)")
+    if config.e2e_epochs and (distributed.is_distributed() or type(weights) is not ResidentWeights):
+        raise UsageError("lowbit: the end-to-end stage (e2e_epochs) trains the whole model at once: it runs "
+                         "in one process on a model in memory, not out of core or distributed")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise UsageError("lowbit: this model already holds QuantLinear layers; quantize a full-precision model")
     prefix, blocks = decoder_blocks(model)
@@ -149,10 +175,11 @@ def quantize(
                                         config.seed)
             config = dataclasses.replace(config, nsamples=tokens.shape[0], seqlen=tokens.shape[1])
             with method_cls.prepare(model, tokens, config) as run_config:
-                run = _Run(model, prefix, blocks, plan, run_config, method_cls, device, export)
+                run = _Run(model, prefix, blocks, plan, run_config, method_cls, device, export, weights)
                 logs = run.calibrate(tokens)
         else:
-            logs = _convert_without_data(prefix, blocks, plan, config, method_cls, device)
+            logs = _convert_without_data(prefix, blocks, plan, config, method_cls, weights)
+        weights.load_outside(model)
         teacher = teacher_head(model) if config.e2e_epochs else None  # before the head is quantized
         for name, spec in outside.items():
             set_submodule(model, name, QuantLinear.from_linear(
@@ -215,13 +242,15 @@ def _install(block: nn.Module, modules: dict[str, nn.Module]) -> None:
         set_submodule(block, local, module)
 
 
-def _convert_without_data(prefix, blocks, plan, config, method_cls, device) -> list[BlockLog]:
+def _convert_without_data(prefix, blocks, plan, config, method_cls, weights) -> list[BlockLog]:
     logs = []
     for i, block in enumerate(blocks):
+        weights.load_block(i, block)
         method = method_cls(config, i, len(blocks))
         layers = {local: (block.get_submodule(local), spec) for local, spec in plan[i].items()}
         wrappers = method.setup(layers)
         _install(block, {local: method.export(local, w) for local, w in wrappers.items()})
+        weights.release_block(i, block)
         logs.append(BlockLog(i, f"{prefix}.{i}", [s.name for s in plan[i].values()]))
     return logs
 
@@ -238,28 +267,34 @@ class _Streams:
 class _Run:
     """One calibration run over the blocks of a model."""
 
-    def __init__(self, model, prefix, blocks, plan, config, method_cls, device, export):
+    def __init__(self, model, prefix, blocks, plan, config, method_cls, device, export, weights):
         self.model, self.prefix, self.blocks, self.plan = model, prefix, blocks, plan
         self.config: QuantConfig = config
         self.method_cls: type[Method] = method_cls
         self.device: torch.device = device
         self.export = export
-        self.progress = config.progress
+        self.weights: ResidentWeights = weights
+        self.progress = config.progress and distributed.is_main()
 
     # --- the whole run ---
 
     def calibrate(self, tokens: torch.Tensor) -> list[BlockLog]:
         """Every block in turn; afterwards `streams` holds the last blocks' outputs and
         `store` the checkpoints (None without cache_dir)."""
+        self.shard = distributed.WindowShard.of(tokens.shape[0])
+        distributed.check_same_settings({"quantization settings": settings_digest(self._settings()),
+                                         "calibration data": tensor_digest(tokens)})
         self.store = store = self._checkpoints(tokens)
-        x, self.calls = capture_block_inputs(self.model, self.blocks, tokens)
+        self.weights.load_outside(self.model)
+        x, self.calls = capture_block_inputs(self.model, self.blocks, self.shard.take(tokens))
+        self.weights.release_outside(self.model)
         streams = _Streams(x, x)
         logs: list[BlockLog] = []
         done = store.finished_blocks() if store else 0
         for i in range(done):
             logs.append(self._replay(i, store))
         if done:
-            saved = store.load_streams()
+            saved = store.load_streams(slice(self.shard.start, self.shard.stop))
             if set(saved) != {"fp", "q"} or saved["fp"].shape != x.shape or saved["q"].shape != x.shape:
                 raise store.corrupt(store.streams_path, f"it does not hold the two streams of shape {list(x.shape)}")
             streams = _Streams(saved["fp"], saved["q"])
@@ -270,8 +305,8 @@ class _Run:
                 log, streams, method = self._calibrate_block(i, streams)
                 logs.append(log)
                 if store:
-                    store.save_block(i, method.learned_state(), dataclasses.asdict(log),
-                                     {"fp": streams.fp, "q": streams.q})
+                    self._save(store, i, method, log, streams)
+                del method  # its stand-ins hold the block's full-precision weights
                 outer.update(1)
                 if log.loss_before:
                     outer.set_postfix_str(f"mse {log.loss_before['mse']:.3g}->{log.loss_after['mse']:.3g}")
@@ -280,17 +315,27 @@ class _Run:
         self.streams = streams
         return logs
 
+    def _settings(self) -> dict[str, Any]:
+        settings = self.config.fingerprint_dict()
+        settings["device"] = self.device.type
+        return settings
+
     def _checkpoints(self, tokens: torch.Tensor) -> CheckpointStore | None:
         if not self.config.cache_dir:
             return None
-        settings = self.config.fingerprint_dict()
-        settings["device"] = self.device.type
         fingerprint = {
-            "model": model_digest(self.model),
+            "model": self.weights.digest(self.model),
             "data": tensor_digest(tokens),
-            "config": settings_digest(settings),
+            "config": settings_digest(self._settings()),
         }
-        return CheckpointStore(self.config.cache_dir, fingerprint, len(self.blocks))
+        with distributed.main_first():
+            return CheckpointStore(self.config.cache_dir, fingerprint, len(self.blocks))
+
+    def _save(self, store: CheckpointStore, i: int, method: Method, log: BlockLog, streams: _Streams) -> None:
+        """Block i's checkpoint, with the streams of every rank's windows (written by rank 0)."""
+        fp, q = (distributed.gather_windows(s, self.shard) for s in (streams.fp, streams.q))
+        if distributed.is_main():
+            store.save_block(i, method.learned_state(), dataclasses.asdict(log), {"fp": fp, "q": q})
 
     # --- one block ---
 
@@ -300,6 +345,7 @@ class _Run:
     def _replay(self, i: int, store: CheckpointStore) -> BlockLog:
         """Rebuilds block i from its checkpoint."""
         block = self.blocks[i]
+        self.weights.load_block(i, block)
         learned, log = store.load_block(i)
         method = self.method_cls(self.config, i, len(self.blocks))
         wrappers = method.setup(self._layers(i, block))
@@ -309,6 +355,7 @@ class _Run:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise store.corrupt(store.block_path(i), f"it does not hold block {i}'s state ({exc})") from exc
         self._finish(block, method, wrappers)
+        self.weights.release_block(i, block)
         return replayed
 
     def _finish(self, block: nn.Module, method: Method, wrappers: dict[str, nn.Module]) -> None:
@@ -324,6 +371,7 @@ class _Run:
     def _calibrate_block(self, i: int, streams: _Streams) -> tuple[BlockLog, _Streams, Method]:
         started = time.perf_counter()
         block = self.blocks[i]
+        self.weights.load_block(i, block)
         home = _device_of(block)
         block.to(self.device)
         trainable = [p for p in block.parameters() if p.requires_grad]
@@ -356,6 +404,7 @@ class _Run:
         block.to(home)
         for p in trainable:
             p.requires_grad_(True)
+        self.weights.release_block(i, block)
         if self.device.type == "cuda":
             log.peak_memory = torch.cuda.max_memory_allocated(self.device)
         log.seconds = time.perf_counter() - started
@@ -387,18 +436,18 @@ class _Run:
         are the same for every call on block i."""
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, i, "metrics"))
         sums: dict[str, float] = defaultdict(float)
-        n = outputs.shape[0]
-        for idx in batches(n, self.config.batch_size):
+        n = self.shard.total  # the mean over every rank's windows
+        for idx in batches(outputs.shape[0], self.config.batch_size):
             _, terms = reconstruction_loss(
                 outputs[idx].to(self.device), target[idx].to(self.device), 1.0,
                 self.config.sw_projections, generator,
             )
             for k, v in terms.items():
                 sums[k] += v.item() * len(idx) / n
-        return dict(sums)
+        return distributed.sum_over_ranks(dict(sums))
 
     def _train(self, i, block, method: Method, inputs, targets, call) -> list[dict[str, Any]]:
-        n, batch_size = inputs.shape[0], self.config.batch_size
+        n, batch_size = self.shard.total, self.config.batch_size  # batches over every rank's windows
         per_epoch = math.ceil(n / batch_size)
         order = torch.Generator().manual_seed(derive_seed(self.config.seed, i, "batch order"))
         stages = method.stages()
@@ -416,25 +465,30 @@ class _Run:
                 sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
                 count = 0
                 for step in range(steps):
-                    idx = next(stream)
-                    pred = None  # a stage whose loss ignores the block output skips the forward pass
-                    if stage.needs_output:
-                        with self._autocast():
-                            pred = run_block(block, inputs[idx].to(self.device), call).float()
-                    batch_targets = [t[idx].to(self.device) for t in targets]
-                    loss, terms = method.loss(pred, batch_targets, stage)
+                    idx, share = self.shard.select(next(stream))  # this rank's windows of the batch
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if len(idx) or not stage.needs_output:
+                        pred = None  # a stage whose loss ignores the block output skips the forward pass
+                        if stage.needs_output:
+                            with self._autocast():
+                                pred = run_block(block, inputs[idx].to(self.device), call).float()
+                        batch_targets = [t[idx].to(self.device) for t in targets]
+                        loss, terms = method.loss(pred, batch_targets, stage)
+                        if share != 1.0:  # the gradients are summed over the ranks
+                            loss, terms = loss * share, {k: v * share for k, v in terms.items()}
+                        loss.backward()
+                        sums["loss"] += loss.detach()
+                        for k, v in terms.items():
+                            sums[k] += v
+                    distributed.sync_gradients(optimizer)
                     optimizer.step()
                     method.after_step(stage)
-                    sums["loss"] += loss.detach()
-                    for k, v in terms.items():
-                        sums[k] += v
                     count += 1
                     bar.update(1)
                     if count == per_epoch or step == steps - 1:
                         entry = {"stage": stage.name, "epoch": len([e for e in log if e["stage"] == stage.name]) + 1}
-                        entry.update({k: v.item() / count for k, v in sums.items()})
+                        totals = distributed.sum_over_ranks({k: v.item() for k, v in sums.items()})
+                        entry.update({k: v / count for k, v in totals.items()})
                         if not math.isfinite(entry["loss"]):
                             raise CalibrationError(
                                 f"lowbit: the training loss of block {i} became {entry['loss']} in "

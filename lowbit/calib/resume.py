@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,15 @@ def _update_with_tensor(digest, name: str, t: torch.Tensor) -> None:
     digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def model_digest(model: nn.Module) -> str:
-    """sha256 of the model's configuration and of every parameter and buffer."""
+def model_digest(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> str:
+    """sha256 of the model's configuration and of every parameter and buffer (`tensors`:
+    the state dict's (name, tensor) pairs in its order, when they are not in memory)."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         digest.update(config.to_json_string(use_diff=False).encode())
     digest.update(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict().items() if tensors is None else tensors:
         _update_with_tensor(digest, name, t)
     return digest.hexdigest()
 
@@ -167,8 +169,13 @@ class CheckpointStore(BlockStore):
                                      f"{text[:40]!r}")
         return log
 
-    def load_streams(self) -> dict[str, torch.Tensor]:
-        return self.read_tensors(self.streams_path)
+    def load_streams(self, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """Both streams, or their `rows` (the windows of one process), read from the file alone."""
+        try:
+            with safe_open(self.streams_path, framework="pt") as f:
+                return {key: f.get_slice(key)[rows] for key in f.keys()}
+        except (OSError, SafetensorError) as exc:
+            raise self.corrupt(self.streams_path, exc) from exc
 
     # --- the end-to-end stage ---
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import tempfile
 import threading
@@ -61,6 +62,8 @@ def activity(description: str, delay: float = 0.5) -> Iterator[None]:
     done = threading.Event()
 
     def show():
+        if _quiet:
+            return
         if done.wait(delay):
             return
         if not sys.stderr.isatty():  # a log, not a terminal: no redrawn line; only slow steps
@@ -84,9 +87,21 @@ def activity(description: str, delay: float = 0.5) -> Iterator[None]:
         thread.join()
 
 
+_quiet = False
+
+
+def quiet() -> None:
+    """Silences the results and the narration of this process (a rank other than 0);
+    errors still print."""
+    global _quiet
+    _quiet = True
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+
+
 def info_line(text: str) -> None:
     """Narration of the run, on stderr beside the progress bars (stdout holds the results)."""
-    tqdm.write(text, file=sys.stderr)
+    if not _quiet:
+        tqdm.write(text, file=sys.stderr)
 
 
 # --- loading models and texts --------------------------------------------------------------

@@ -4,17 +4,20 @@ save a lowbit checkpoint."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shutil
+import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowbit.calib import distributed
 from lowbit.calib.config import QuantConfig
 from lowbit.calib.data import token_stream
 from lowbit.calib.methods import METHODS, get_method, methods_with_setting
@@ -37,8 +40,10 @@ from lowbit.cli.common import (
     int_at_least,
     load_full_precision,
     load_texts,
+    load_tokenizer,
     lr_entry_arg,
     path_arg,
+    quiet,
     ratio_text,
     resolve_device,
     window_count,
@@ -71,7 +76,7 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
         for group, value in quick.pop("lr", {}).items():
             lr.setdefault(group, value)
         settings.update(quick)
-    for name in ("nsamples", "seqlen", "epochs"):
+    for name in ("nsamples", "seqlen", "epochs", "batch_size"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.saliency:
@@ -163,7 +168,8 @@ def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, str
             args: argparse.Namespace, device: str, label: str) -> Measured:
     """Sizes, and the perplexity on the evaluation stream and speed on `device` as the flags ask."""
     result = Measured(size, layer_bytes(layers))
-    model.to(device)
+    if stream is not None or args.bench:
+        model.to(device)
     if stream is not None:
         info_line(f"evaluating the {label} model on {args.eval_data} ({args.eval_windows or 'all'} windows "
                   f"x {args.eval_seqlen} tokens)")
@@ -176,11 +182,48 @@ def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return launch_ranks(args.argv, args.nproc)
+    device = resolve_device(args.device)
+    if not distributed.launched_by_torchrun():
+        return quantize_and_report(args, device)
+    args.device = distributed.init_from_environment(device)
+    try:
+        return quantize_and_report(args, args.device)
+    finally:
+        distributed.shutdown()
+
+
+def launch_ranks(argv: Sequence[str], nproc: int) -> int:
+    """This command again in `nproc` processes on this machine, started by torchrun."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc":
+            skip = not skip
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "lowbit", *rest]
+    return subprocess.call(command)
+
+
+def model_directory(model: str) -> Path | None:
+    """The local directory of safetensors weights that can be calibrated out of core, if any."""
+    if model == DEFAULT_MODEL:
+        return assets.smollm2_dir()
+    path = Path(model).expanduser()
+    return path if path.is_dir() else None
+
+
+def quantize_and_report(args: argparse.Namespace, device: str) -> int:
     from lowbit.calib.engine import quantize
-    from lowbit.io.checkpoint import load_quantized, save_quantized
+    from lowbit.calib.outofcore import open_model_directory
+    from lowbit.io.checkpoint import load_quantized
     from lowbit.io.info import checkpoint_info
 
-    device = resolve_device(args.device)
+    main = distributed.is_main()
+    if not main:
+        quiet()
     output = args.output if args.output is not None else default_output(args.model, args.bits, args.group_size)
     check_output(output, args.model)
     check_writable(output, "--output")
@@ -197,27 +240,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"  per-block checkpoints in {resume_dir} (run the same command again to resume)")
     sys.stdout.flush()
 
-    model, tokenizer = load_full_precision(args.model)
+    # out of core: one block in memory at a time; saliency from the data needs the whole model
+    source = model_directory(args.model) if config.options.get("saliency") is not True else None
+    if source is not None:
+        with activity(f"checking {args.model}"):
+            model, _ = open_model_directory(source, torch.float32)
+        tokenizer = load_tokenizer(str(source))
+    else:
+        model, tokenizer = load_full_precision(args.model)
     names = quantized_layer_names(model, config)
     calibration = load_texts(args.calibration, "calibration") if method_cls.needs_data else None
-    stream = token_stream(tokenizer, load_texts([args.eval_data], "evaluation")) if args.eval else None
+    stream = token_stream(tokenizer, load_texts([args.eval_data], "evaluation")) if args.eval and main else None
 
     fp_size, fp_size_how = checkpoint_bytes(args.model, model)
-    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer, stream, args, device,
-                 "full-precision")
-    model.to("cpu")  # calibration moves one block at a time to the device
-
-    report = quantize(model, config, calibration, tokenizer)
+    if source is not None and (stream is not None or args.bench and main):
+        model, _ = load_full_precision(args.model)  # measured whole, then dropped before calibration
+    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer, stream,
+                 argparse.Namespace(**{**vars(args), "bench": args.bench and main}), device, "full-precision")
+    if source is not None:
+        del model
+        with saving_errors(output, resume_dir):
+            report = quantize(source, config, calibration, tokenizer, output=output)
+    else:
+        model.to("cpu")  # calibration moves one block at a time to the device
+        report = quantize(model, config, calibration, tokenizer)
+    if not main:
+        return 0
     info_line(f"calibration: {report.seconds:.0f} s")
-    try:
-        with activity(f"saving {output}"):
-            save_quantized(model, output, tokenizer)
-    except OSError as exc:  # a full disk: what was there is kept
-        again = "; the calibrated blocks are kept, so the same command resumes" if resume_dir else ""
-        raise UsageError(f"cannot save {output}: {exc.strerror or exc} (nothing was replaced){again}") from exc
+    if source is None:
+        save_in_memory(model, output, tokenizer, resume_dir)
+        del model
     if own_resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
-    del model
 
     with activity(f"loading {output}"):
         quantized = load_quantized(output)
@@ -226,9 +280,26 @@ def run(args: argparse.Namespace) -> int:
                 device, "quantized")
 
     windows = window_count(stream, args.eval_seqlen, args.eval_windows) if stream is not None else 0
-    print(summary_table(fp, q, args, config, fp_size_how, report.seconds, device, windows))
+    print(summary_table(fp, q, args, config, fp_size_how, report, device, windows))
     print(f"\nsaved {output}  (lowbit checkpoint: `lowbit info {output}`, `lowbit generate {output}`)")
     return 0
+
+
+@contextlib.contextmanager
+def saving_errors(output: Path, resume_dir: str | None) -> Iterator[None]:
+    """A failure to write the checkpoint (a full disk) in one line: what was there is kept."""
+    try:
+        yield
+    except OSError as exc:
+        again = "; the calibrated blocks are kept, so the same command resumes" if resume_dir else ""
+        raise UsageError(f"cannot save {output}: {exc.strerror or exc} (nothing was replaced){again}") from exc
+
+
+def save_in_memory(model: nn.Module, output: Path, tokenizer, resume_dir: str | None) -> None:
+    from lowbit.io.checkpoint import save_quantized
+
+    with saving_errors(output, resume_dir), activity(f"saving {output}"):
+        save_quantized(model, output, tokenizer)
 
 
 def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence[str]) -> str:
@@ -246,7 +317,7 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
 
 
 def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_how: str,
-                  calibration_seconds: float, device: str, eval_windows: int) -> str:
+                  report, device: str, eval_windows: int) -> str:
     rows = [("", "full precision", f"lowbit {grid_name(config.bits, config.group_size)}", "")]
     rows.append(("size (MB)", f"{fp.size / 1e6:.1f}", f"{q.size / 1e6:.1f}",
                  ratio_text(fp.size, q.size, "smaller", "larger")))
@@ -266,7 +337,9 @@ def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_
     notes = [
         f"size: the weights (full precision: {fp_size_how}; lowbit: the saved checkpoint's files); "
         f"quantized layers: the tensors of the layers that were quantized, before and after. "
-        f"Calibration took {calibration_seconds:.0f} s.",
+        f"Calibration took {report.seconds:.0f} s"
+        + (f", at a peak of {report.peak_rss / 2**30:.2f} GiB resident memory (one decoder block in full "
+           f"precision and the activations)." if report.peak_rss else "."),
     ]
     if fp.perplexity is not None:
         split = " evaluation split" if args.eval_data in NAMED_TEXTS else ""
@@ -308,7 +381,10 @@ examples:
   lowbit quantize
   lowbit quantize --bits 2 --group-size 32 --epochs 4 --output ./smollm2-w2g32
   lowbit quantize --model ./my-llama --calibration notes.txt --device cuda --resume
-  lowbit quantize --method rtn --no-bench""",
+  lowbit quantize --method rtn --no-bench
+  lowbit quantize --model ./my-llama --nproc 2 --resume
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m lowbit quantize --model ./my-llama --resume""",
     )
     g = p.add_argument_group("model and format")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -329,6 +405,9 @@ examples:
     g.add_argument("--nsamples", type=int_at_least(0), help="calibration windows")
     g.add_argument("--seqlen", type=int_at_least(0), help="tokens per calibration window")
     g.add_argument("--epochs", type=int_at_least(0), help="passes over the windows per decoder block")
+    g.add_argument("--batch-size", type=int_at_least(1),
+                   help="windows per training step, over all processes (default: 1; with --nproc, several "
+                        "per process)")
     g.add_argument("--lr", type=lr_entry_arg, action="append", default=[], metavar="GROUP=VALUE",
                    help="learning rate of a parameter group, e.g. clip=0.05 (repeatable)")
     g.add_argument("--sw-weight", type=float, default=0.0, metavar="W",
@@ -342,6 +421,9 @@ examples:
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR", type=path_arg,
                    help="keep per-block checkpoints in DIR (default: <output>.resume, removed after "
                         "saving) so that an interrupted run continues where it stopped")
+    g.add_argument("--nproc", type=int_at_least(1), default=1, metavar="N",
+                   help="calibrate in N processes on this machine (torchrun; gloo on CPUs, NCCL on GPUs), "
+                        "each on a share of the windows (default: 1)")
     g = p.add_argument_group("report")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="measure perplexity before and after (default: on)")

@@ -204,11 +204,17 @@ def save_quantized(
     """
     check_saveable(model)
     quant_config = quantization_config(model)
-    tensors = unique_tensors(model)
     with atomic_directory(path) as tmp:
-        write_safetensors(tensors, tmp, max_shard_size)
-        save_config_files(model, tmp, quant_config, tokenizer)
+        write_checkpoint(model, quant_config, unique_tensors(model), tmp, tokenizer, max_shard_size)
     return Path(path)
+
+
+def write_checkpoint(model: nn.Module, quant_config: dict, tensors: Mapping[str, torch.Tensor], directory: Path,
+                     tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                     sizes: Mapping[str, int] | None = None) -> None:
+    """The files of a checkpoint in `directory`: the weights, config.json and the tokenizer."""
+    write_safetensors(tensors, directory, max_shard_size, sizes)
+    save_config_files(model, directory, quant_config, tokenizer)
 
 
 # --- reading -------------------------------------------------------------------------

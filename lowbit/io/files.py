@@ -161,9 +161,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without aliases (tied weights), keeping a tie's source name."""
-    state = model.state_dict()
+def unique_tensors(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The state dict without aliases (tied weights), keeping a tie's source name; `exclude`:
+    prefixes of names left out (tensors held elsewhere)."""
+    state = {k: t for k, t in model.state_dict().items() if not k.startswith(exclude)}
     tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
     for name, t in state.items():
         if t.is_meta:
@@ -194,16 +195,28 @@ def shard_names(n_shards: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
 
 
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file; a failure to write (a full disk) is an OSError."""
+    try:
+        save_file(dict(tensors), path, metadata={"format": "pt"})
+    except SafetensorError as exc:  # safetensors reports I/O errors (a full disk) as its own
+        raise _as_os_error(exc, path) from exc
+
+
 def write_safetensors(
-    tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    sizes: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Writes tensors into `directory` as one file, or as shards of at most `max_shard_size`
-    bytes each (a larger tensor gets a shard of its own) plus the standard index."""
+    bytes each (a larger tensor gets a shard of its own) plus the standard index. `sizes`:
+    the bytes of each tensor, in order, when `tensors` reads them only on access (one shard
+    at a time is then in memory)."""
     limit = convert_file_size_to_int(max_shard_size)
+    if sizes is None:
+        sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -218,13 +231,10 @@ def write_safetensors(
             ptr = t.untyped_storage().data_ptr()
             shard[name] = t.clone() if ptr in storages else t  # safetensors refuses shared storage
             storages.add(ptr)
-        try:
-            save_file(shard, directory / file, metadata={"format": "pt"})
-        except SafetensorError as exc:  # safetensors reports I/O errors (a full disk) as its own
-            raise _as_os_error(exc, directory / file) from exc
+        save_tensors(shard, directory / file)
     if len(files) > 1:
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "metadata": {"total_size": sum(sizes.values())},
             "weight_map": {name: file for file, names in zip(files, shards, strict=True) for name in names},
         }
         (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -351,6 +361,11 @@ class SafetensorsCheckpoint:
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"lowbit: {full} is corrupt or truncated ({exc})") from exc
         return self._handles[file]
+
+    def close(self) -> None:
+        """Closes the open files: their mapped pages stop counting as this process's memory
+        (a reader that loads part by part calls it after each part)."""
+        self._handles.clear()
 
     def keys(self) -> list[str]:
         return list(self.file_of)

@@ -2,7 +2,10 @@
 it saves, resume, the quick budget of each method, and its refusals. The slow test runs
 the real default with a reduced budget."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +124,23 @@ def test_interrupted_quantize_resumes_to_the_same_checkpoint(tiny_hf, tmp_path, 
     resumed, uninterrupted = _tensors(out), _tensors(tiny_checkpoint)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_quantize_in_two_processes(tiny_hf, tmp_path, tiny_checkpoint):
+    """--nproc 2 starts torchrun: two gloo processes, one summary, the one-process checkpoint."""
+    out = tmp_path / "two"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    args = quantize_args(tiny_hf, out, "--no-eval", "--no-bench", "--nproc", "2")
+    done = subprocess.run([sys.executable, "-m", "lowbit", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("lowbit quantize:") == 1 and "resident memory" in done.stdout
+    two, one = _tensors(out), _tensors(tiny_checkpoint)
+    assert two.keys() == one.keys()
+    packed = [k for k in one if k.endswith("packed")]
+    agree = sum((two[k] == one[k]).sum().item() for k in packed) / sum(one[k].numel() for k in packed)
+    assert agree >= 0.999
 
 
 def test_resume_directory_of_another_run_is_refused(tiny_hf, tmp_path, capsys):
