@@ -36,6 +36,7 @@ _API = {
     "quantize_rtn": "lowbit.nn.convert",
     "QuantLinear": "lowbit.nn.quant_linear",
     "PermutedQuantLinear": "lowbit.nn.permuted",
+    "peft_config": "lowbit.nn.lora",
     "resolve_scheme": "lowbit.quant.schemes",
     "perplexity": "lowbit.eval.perplexity",
     "save_quantized": "lowbit.io.checkpoint",

@@ -24,7 +24,15 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit.errors import CheckpointError
 from lowbit.io.checkpoint import check_checkpoint, install_quant_linears, quant_modules, recorded_settings
-from lowbit.io.validate import QUANT_METHOD, check_finite, check_quantization_config, check_tensors, open_tensors
+from lowbit.io.validate import (
+    LOAD_GUARD,
+    QUANT_METHOD,
+    check_finite,
+    check_quantization_config,
+    check_tensors,
+    drop_load_guard,
+    open_tensors,
+)
 from lowbit.nn.permuted import PermutedQuantLinear, check_permutation
 
 
@@ -46,6 +54,7 @@ class LowbitHfQuantizer(HfQuantizer):
         """Called before the model is built: a local directory gets `load_quantized`'s checks
         here (config, files, sizes, the tensors' headers against the model built on the meta
         device), so that transformers builds only what lowbit would."""
+        drop_load_guard(config)
         directory = Path(str(getattr(config, "_name_or_path", "") or ""))
         if directory.is_dir():
             check_checkpoint(directory)
@@ -74,6 +83,7 @@ class LowbitHfQuantizer(HfQuantizer):
             if not state[key].is_meta:  # (offloaded to disk by a device_map)
                 check_finite(key, state[key], str(self.directory))
         model.lowbit_config = recorded_settings(self.quantization_config.to_dict())
+        model.config.attn_implementation = LOAD_GUARD  # so that save_pretrained writes it
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -81,7 +91,8 @@ class LowbitHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters train on top of the frozen packed weights (peft: lowbit.nn.lora)."""
+        return True
 
 
 def _directory_of(checkpoint_files: list[str] | None) -> Path:
