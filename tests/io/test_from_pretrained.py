@@ -12,7 +12,7 @@ from checkpoint_tools import assert_same_quant_layers, quantized, rewrite_tensor
 from tiny import logits, tiny_llama, tiny_opt, token_batch
 
 from lowbit.errors import CheckpointError
-from lowbit.io.checkpoint import save_quantized
+from lowbit.io.checkpoint import load_quantized, save_quantized
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,3 +57,26 @@ def test_import_lowbit_alone_registers_with_transformers(tmp_path):
         "assert type(m.model.layers[0].mlp.up_proj).__name__ == 'QuantLinear'\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=300)
+
+
+@pytest.mark.parametrize("writer", ["save_quantized", "save_pretrained"])
+def test_a_process_without_lowbit_is_told_to_import_it(tmp_path, writer):
+    """Without lowbit's quantizer, transformers would skip the unknown quant_method and load
+    random weights; the checkpoint's attention request (LOAD_GUARD) stops it, naming lowbit."""
+    save_quantized(quantized(tiny_llama()), tmp_path / "ckpt")
+    if writer == "save_pretrained":  # a model loaded by transformers, saved by it
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").save_pretrained(tmp_path / "again")
+    path = tmp_path / ("ckpt" if writer == "save_quantized" else "again")
+    script = (
+        "import sys, transformers\n"
+        f"try: transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})\n"
+        "except ValueError as exc: print(exc)\n"
+        "else: print('loaded')\n"
+        "assert 'lowbit' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert "`import lowbit` (pip install lowbit) before loading this model" in done.stdout
+    original = load_quantized(tmp_path / "ckpt")  # lowbit itself reads past the guard
+    tokens = token_batch(original)
+    assert torch.equal(logits(load_quantized(path), tokens), logits(original, tokens))
