@@ -43,6 +43,7 @@ _API = {
     "load_quantized": "lowbit.io.checkpoint",
     "load_tokenizer": "lowbit.io.checkpoint",
     "checkpoint_info": "lowbit.io.info",
+    "LowbitConfig": "lowbit.io.hf",
     "export_gptq": "lowbit.io.gptq",
     "load_gptq": "lowbit.io.gptq",
     "CheckpointError": "lowbit.errors",
