@@ -39,6 +39,8 @@ _API = {
     "peft_config": "lowbit.nn.lora",
     "resolve_scheme": "lowbit.quant.schemes",
     "perplexity": "lowbit.eval.perplexity",
+    "evaluate": "lowbit.eval.perplexity",
+    "Evaluation": "lowbit.eval.perplexity",
     "save_quantized": "lowbit.io.checkpoint",
     "load_quantized": "lowbit.io.checkpoint",
     "load_tokenizer": "lowbit.io.checkpoint",

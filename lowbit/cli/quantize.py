@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit._version import library_versions
 from lowbit.calib.config import QuantConfig
 from lowbit.calib.data import token_stream
 from lowbit.calib.methods import METHODS, get_method, methods_with_setting
@@ -41,12 +42,11 @@ from lowbit.cli.common import (
     path_arg,
     ratio_text,
     resolve_device,
-    window_count,
 )
 from lowbit.cli.generate import SPEED_PROMPT
 from lowbit.errors import UsageError
 from lowbit.eval import speed
-from lowbit.eval.perplexity import token_perplexity
+from lowbit.eval.perplexity import Evaluation, evaluate_tokens
 from lowbit.format import BLOCK, SUPPORTED_BITS
 from lowbit.io import assets
 from lowbit.kernels import backends
@@ -155,19 +155,14 @@ class Measured:
 
     size: int  # bytes of the weight files
     layers_size: int  # bytes of the layers that quantization replaces, before or after
-    perplexity: float | None = None
     speed: speed.ModelSpeed | None = None
 
 
-def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, stream: torch.Tensor | None,
-            args: argparse.Namespace, device: str, label: str) -> Measured:
-    """Sizes, and the perplexity on the evaluation stream and speed on `device` as the flags ask."""
+def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, args: argparse.Namespace,
+            device: str, label: str) -> Measured:
+    """Sizes, and the speed on `device` if the flags ask."""
     result = Measured(size, layer_bytes(layers))
     model.to(device)
-    if stream is not None:
-        info_line(f"evaluating the {label} model on {args.eval_data} ({args.eval_windows or 'all'} windows "
-                  f"x {args.eval_seqlen} tokens)")
-        result.perplexity = token_perplexity(model, stream, args.eval_seqlen, args.eval_windows or None)
     if args.bench:
         with activity(f"timing the {label} model (decoding and linear layers)"):
             ids = tokenizer(SPEED_PROMPT, return_tensors="pt").input_ids
@@ -197,13 +192,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  per-block checkpoints in {resume_dir} (run the same command again to resume)")
     sys.stdout.flush()
 
+    calibration = load_texts(args.calibration, "calibration") if method_cls.needs_data else None
+    eval_texts = load_texts([args.eval_data], "evaluation") if args.eval else None
     model, tokenizer = load_full_precision(args.model)
     names = quantized_layer_names(model, config)
-    calibration = load_texts(args.calibration, "calibration") if method_cls.needs_data else None
-    stream = token_stream(tokenizer, load_texts([args.eval_data], "evaluation")) if args.eval else None
+    stream = token_stream(tokenizer, eval_texts) if args.eval else None
 
     fp_size, fp_size_how = checkpoint_bytes(args.model, model)
-    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer, stream, args, device,
+    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer, args, device,
                  "full-precision")
     model.to("cpu")  # calibration moves one block at a time to the device
 
@@ -222,13 +218,23 @@ def run(args: argparse.Namespace) -> int:
     with activity(f"loading {output}"):
         quantized = load_quantized(output)
     qlayers = [m for m in quantized.modules() if isinstance(m, QuantLinear)]
-    q = measure(quantized, qlayers, checkpoint_info(output)["weights_bytes"], tokenizer, stream, args,
-                device, "quantized")
+    q = measure(quantized, qlayers, checkpoint_info(output)["weights_bytes"], tokenizer, args, device,
+                "quantized")
+    evaluation = compare_with_full_precision(quantized, stream, args, device) if stream is not None else None
 
-    windows = window_count(stream, args.eval_seqlen, args.eval_windows) if stream is not None else 0
-    print(summary_table(fp, q, args, config, fp_size_how, report.seconds, device, windows))
+    print(summary_table(fp, q, evaluation, args, config, fp_size_how, report.seconds, device))
     print(f"\nsaved {output}  (lowbit checkpoint: `lowbit info {output}`, `lowbit generate {output}`)")
     return 0
+
+
+def compare_with_full_precision(quantized: nn.Module, stream: torch.Tensor, args: argparse.Namespace,
+                                device: str) -> Evaluation:
+    """Perplexities, KL divergence and top-1 agreement of the saved checkpoint against the
+    full-precision model, loaded again (the first was quantized in place), on the same windows."""
+    reference, _ = load_full_precision(args.model, device)
+    info_line(f"evaluating both models on {args.eval_data} ({args.eval_windows or 'all'} windows "
+              f"x {args.eval_seqlen} tokens)")
+    return evaluate_tokens(quantized, stream, args.eval_seqlen, args.eval_windows or None, reference=reference)
 
 
 def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence[str]) -> str:
@@ -245,17 +251,15 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
     return text
 
 
-def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_how: str,
-                  calibration_seconds: float, device: str, eval_windows: int) -> str:
+def summary_table(fp: Measured, q: Measured, evaluation: Evaluation | None, args, config: QuantConfig,
+                  fp_size_how: str, calibration_seconds: float, device: str) -> str:
     rows = [("", "full precision", f"lowbit {grid_name(config.bits, config.group_size)}", "")]
     rows.append(("size (MB)", f"{fp.size / 1e6:.1f}", f"{q.size / 1e6:.1f}",
                  ratio_text(fp.size, q.size, "smaller", "larger")))
     rows.append(("  quantized layers (MB)", f"{fp.layers_size / 1e6:.1f}", f"{q.layers_size / 1e6:.1f}",
                  ratio_text(fp.layers_size, q.layers_size, "smaller", "larger")))
-    if fp.perplexity is not None:
-        change = 100 * (q.perplexity / fp.perplexity - 1)
-        rows.append((f"perplexity, {args.eval_data}", f"{fp.perplexity:.2f}", f"{q.perplexity:.2f}",
-                     f"{change:+.1f} %"))
+    if evaluation is not None:
+        rows += evaluation_rows(evaluation, args.eval_data)
     if fp.speed is not None:
         rows.append(("decode (tokens/s)", f"{fp.speed.decode_tokens_per_s:.1f}",
                      f"{q.speed.decode_tokens_per_s:.1f}",
@@ -268,10 +272,13 @@ def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_
         f"quantized layers: the tensors of the layers that were quantized, before and after. "
         f"Calibration took {calibration_seconds:.0f} s.",
     ]
-    if fp.perplexity is not None:
+    if evaluation is not None:
         split = " evaluation split" if args.eval_data in NAMED_TEXTS else ""
-        notes.append(f"perplexity: {args.eval_data}{split}, {eval_windows} windows of {args.eval_seqlen} "
-                     f"tokens (lowbit: the saved checkpoint, reloaded).")
+        notes.append(f"perplexity: {args.eval_data}{split}, {evaluation.windows} windows of {args.eval_seqlen} "
+                     f"tokens (lowbit: the saved checkpoint, reloaded); KL divergence: KL(full precision || "
+                     f"lowbit) of the next-token distributions per predicted token, in nats, and top-1 "
+                     f"agreement: how often both rank the same token first, on the same windows.")
+    notes.append("versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + ".")
     if fp.speed is not None:
         where = (f"CPU, {backends.describe_cpu_kernels()}" if device == "cpu"
                  else device)
@@ -280,6 +287,18 @@ def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_
                      f"the {fp.speed.linear_layers} quantized layers at one row (M = 1), median.")
     notes = [textwrap.fill(n, 96, initial_indent="  ", subsequent_indent="    ") for n in notes]
     return "\n" + format_table(rows) + "\n\n" + "\n".join(notes)
+
+
+def evaluation_rows(evaluation: Evaluation, data: str) -> list[tuple[str, str, str, str]]:
+    """The summary rows of the comparison with full precision."""
+    change = 100 * (evaluation.perplexity_ratio - 1)
+    return [
+        (f"perplexity, {data}", f"{evaluation.reference_perplexity:.2f}", f"{evaluation.perplexity:.2f}",
+         f"{change:+.1f} %"),
+        ("  KL divergence (nats)", "", f"{evaluation.kl_mean:.3f}",
+         f"median {evaluation.kl_median:.3f}, p99 {evaluation.kl_p99:.2f}"),
+        ("  top-1 agreement", "", f"{100 * evaluation.top1_agreement:.1f} %", ""),
+    ]
 
 
 def add_parser(sub, common) -> None:

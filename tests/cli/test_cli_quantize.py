@@ -48,6 +48,15 @@ def test_quantize_prints_the_summary_of_what_it_saved(tiny_hf, tmp_path, capsys)
     assert float(after) == pytest.approx(ppl(quantized, tiny_hf), abs=0.006)
     assert float(before) != float(after)
     assert change.endswith("%")
+    # KL divergence and top-1 agreement of the saved checkpoint against the original, recomputed.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf["model"])
+    expected = lowbit.evaluate(quantized, tokenizer, [Path(tiny_hf["text"]).read_text()], 32, 4,
+                               reference=fp_model, progress=False)
+    kl = cells(stdout, "KL divergence (nats)")
+    assert kl == [f"{expected.kl_mean:.3f}", f"median {expected.kl_median:.3f}, p99 {expected.kl_p99:.2f}"]
+    assert expected.kl_mean > 0
+    assert cells(stdout, "top-1 agreement") == [f"{100 * expected.top1_agreement:.1f} %"]
+    assert f"transformers {transformers.__version__}" in stdout
     for label in ("decode (tokens/s)", "linear layers (ms/token)"):
         row = cells(stdout, label)
         assert float(row[0]) > 0 and float(row[1]) > 0 and re.fullmatch(r"\d+\.\d\dx (faster|slower)", row[2])
