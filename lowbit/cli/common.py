@@ -111,9 +111,11 @@ def load_full_precision(name: str, device: str = "cpu") -> tuple[nn.Module, Any]
         return assets.load_model(name, device=device)
 
 
-def load_any(source: str, device: str, tokenizer_source: str | None = None) -> tuple[nn.Module, Any, str]:
+def load_any(source: str, device: str, tokenizer_source: str | None = None,
+             need_tokenizer: bool = True) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, kind) of a lowbit checkpoint, a GPTQ checkpoint, a full-precision
-    model directory or hub id, or the default model ('smollm2')."""
+    model directory or hub id, or the default model ('smollm2'); the tokenizer may be None
+    unless `need_tokenizer`."""
     from lowbit.io.checkpoint import load_quantized
     from lowbit.io.checkpoint import load_tokenizer as saved_tokenizer
     from lowbit.io.gptq import load_gptq
@@ -136,7 +138,7 @@ def load_any(source: str, device: str, tokenizer_source: str | None = None) -> t
         kind = "full precision"
     if tokenizer_source is not None:
         tokenizer = load_tokenizer(tokenizer_source)
-    if tokenizer is None:
+    if tokenizer is None and need_tokenizer:
         raise UsageError(f"{source} has no tokenizer files; name one with --tokenizer (a model directory or id)")
     return model, tokenizer, kind
 

@@ -1,5 +1,6 @@
 """`lowbit eval`: the perplexity of a checkpoint or a full-precision model, and refusals."""
 
+import json
 import re
 import shutil
 
@@ -45,3 +46,50 @@ def test_eval_refusals(tiny_hf, tiny_checkpoint, tmp_path, capsys):
     code, out, err = run(["eval", str(no_tokenizer), "--data", tiny_hf["text"], "--tokenizer", tiny_hf["model"],
                           "--seqlen", "32", "--max-windows", "2"], capsys)
     assert code == 0 and "perplexity" in out, err
+
+
+def test_eval_against_a_reference(tiny_hf, tiny_checkpoint, capsys):
+    """KL divergence, top-1 agreement and perplexity ratio of the checkpoint against the
+    model it was made from, as lowbit.evaluate computes them; --json carries the versions."""
+    args = ["eval", str(tiny_checkpoint), "--reference", tiny_hf["model"], "--data", tiny_hf["text"],
+            "--seqlen", "32", "--max-windows", "3"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf["model"])
+    expected = lowbit.evaluate(lowbit.load_quantized(tiny_checkpoint), tokenizer,
+                               [open(tiny_hf["text"]).read()], 32, 3, progress=False,
+                               reference=transformers.AutoModelForCausalLM.from_pretrained(tiny_hf["model"]))
+    assert expected.kl_mean > 0
+    assert (f"(ratio {expected.perplexity_ratio:.3f}); KL divergence {expected.kl_mean:.4f} nats (median "
+            f"{expected.kl_median:.4f}, p99 {expected.kl_p99:.3f}); top-1 agreement "
+            f"{100 * expected.top1_agreement:.2f} %") in out
+
+    code, out, err = run([*args, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["kl_mean"] == pytest.approx(expected.kl_mean) and result["windows"] == 3
+    assert result["top1_agreement"] == pytest.approx(expected.top1_agreement)
+    assert result["versions"]["transformers"] == transformers.__version__
+    assert result["versions"]["lowbit"] == lowbit.__version__
+
+
+def test_eval_refuses_bad_data_before_loading_and_a_mismatched_reference(tiny_hf, tiny_checkpoint, tmp_path,
+                                                                           capsys, monkeypatch):
+    from lowbit.cli import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "load_any", never)
+        code, _, err = run(["eval", str(tiny_checkpoint), "--data", str(tmp_path / "missing.txt")], capsys)
+    assert_one_line_error(code, err, match="unknown text source")
+
+    other = tmp_path / "other"
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(vocab_size=200, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=128)).save_pretrained(other)
+    transformers.AutoTokenizer.from_pretrained(tiny_hf["model"]).save_pretrained(other)
+    code, _, err = run(["eval", str(tiny_checkpoint), "--reference", str(other), "--data", tiny_hf["text"]],
+                       capsys)
+    assert_one_line_error(code, err, match="predicts 200 tokens, the model 320")
