@@ -15,6 +15,7 @@ from lowbit.cli.common import (
     FORMATTER,
     NAMED_TEXTS,
     add_model_source,
+    dtype_arg,
     int_at_least,
     load_any,
     load_texts,
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seqlen < 2:
         raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
     texts = load_texts([args.data], args.split)  # a bad --data fails before any model loads
-    model, tokenizer, kind = load_any(args.model, device, args.tokenizer)
+    model, tokenizer, kind = load_any(args.model, device, args.tokenizer, dtype=dtype_arg(args))
     reference = load_reference(args.reference, model, device) if args.reference else None
     stream = token_stream(tokenizer, texts)
     evaluation = evaluate_tokens(model, stream, args.seqlen, args.max_windows or None, reference=reference)

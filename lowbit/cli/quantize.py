@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shutil
 import sys
 import textwrap
@@ -63,7 +64,7 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
     method_cls = get_method(args.method)
     settings: dict[str, Any] = dict(
         bits=args.bits, group_size=args.group_size, method=args.method, sw_weight=args.sw_weight,
-        seed=args.seed, device=args.device, cache_dir=cache_dir, progress=True,
+        seed=args.seed, device=args.device, cache_dir=cache_dir, progress=True, overrides=args.overrides,
     )
     lr = dict(args.lr)
     if args.budget == "quick":
@@ -78,6 +79,28 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
         settings["saliency"] = check_saliency(args.saliency, method_cls)
     config = QuantConfig(lr=lr, **settings)
     return config.resolved(method_cls.defaults(config))
+
+
+def override_arg(text: str) -> tuple[str, dict[str, int]]:
+    """PATTERN=SPEC with SPEC bits (4), bits and group size (4g128) or a group size (g128)."""
+    pattern, sep, spec = text.partition("=")
+    match = re.fullmatch(r"(\d+)?(?:g(-1|\d+))?", spec)
+    if not (sep and pattern and spec and match):
+        raise argparse.ArgumentTypeError(
+            f"expected PATTERN=BITS, PATTERN=BITSgGROUP or PATTERN=gGROUP (e.g. down_proj=4, "
+            f"'layers\\.0\\..*=4g32'), got {text!r}")
+    bits, group_size = match.groups()
+    setting = {"bits": int(bits)} if bits else {}
+    if group_size:
+        setting["group_size"] = int(group_size)
+    return pattern, setting
+
+
+def keep_arg(text: str) -> tuple[str, None]:
+    """A pattern of layers to keep in full precision (an override to None)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty pattern")
+    return text, None
 
 
 def check_saliency(saliency: bool | str, method_cls) -> bool | str:
@@ -239,6 +262,11 @@ def compare_with_full_precision(quantized: nn.Module, stream: torch.Tensor, args
 
 def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence[str]) -> str:
     text = f"{config.method}, {grid_name(config.bits, config.group_size)}, seed {config.seed}"
+    if config.overrides:
+        text += "; per layer: " + ", ".join(
+            f"{pattern} kept" if setting is None else
+            f"{pattern} " + grid_name(setting.get("bits", config.bits), setting.get("group_size", config.group_size))
+            for pattern, setting in config.overrides.items())
     if needs_data:
         lr = ", ".join(f"{k} {v:g}" for k, v in config.lr.items())
         text += (f"; calibration: {config.nsamples} windows x {config.seqlen} tokens of "
@@ -327,7 +355,8 @@ examples:
   lowbit quantize
   lowbit quantize --bits 2 --group-size 32 --epochs 4 --output ./smollm2-w2g32
   lowbit quantize --model ./my-llama --calibration notes.txt --device cuda --resume
-  lowbit quantize --method rtn --no-bench""",
+  lowbit quantize --method rtn --no-bench
+  lowbit quantize --override down_proj=4 --override 'model\\.layers\\.0\\..*=4g32' --keep o_proj""",
     )
     g = p.add_argument_group("model and format")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -336,6 +365,15 @@ examples:
     g.add_argument("--group-size", type=group_size_arg, default=64, metavar="G",
                    help="inputs sharing a scale and zero: a multiple of 32 dividing every layer's "
                         "in_features, or -1 for one group per row (default: %(default)s)")
+    g.add_argument("--override", dest="overrides", type=override_arg, action="append", default=[],
+                   metavar="PATTERN=SPEC",
+                   help="other bits or group size for the linear layers PATTERN names (a name, its last parts "
+                        "like down_proj, or a regular expression of the whole name): 4, 4g128 or g128; "
+                        "repeatable, the first matching --override or --keep wins; --override lm_head=4 "
+                        "quantizes the output layer")
+    g.add_argument("--keep", dest="overrides", type=keep_arg, action="append", metavar="PATTERN",
+                   help="keep the linear layers PATTERN names in full precision (repeatable; lm_head is kept "
+                        "unless an --override names it)")
     g.add_argument("--output", "-o", metavar="DIR", type=path_arg,
                    help=f"checkpoint directory; an existing checkpoint there is replaced once the new one "
                         f"is complete (default: ./<model>-w<bits>g<G>, e.g. ./{DEFAULT_MODEL_SLUG}-w3g64)")
