@@ -14,10 +14,13 @@ RESULT_LIBRARIES = ("lowbit", "torch", "transformers", "tokenizers")
 
 def library_versions() -> dict[str, str]:
     """{name: installed version} of RESULT_LIBRARIES, for recording beside results."""
-    versions = {}
-    for name in RESULT_LIBRARIES:
-        try:
-            versions[name] = __version__ if name == "lowbit" else version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return {name: library_version(name) for name in RESULT_LIBRARIES}
+
+
+def library_version(name: str) -> str:
+    if name == "lowbit":
+        return __version__
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"

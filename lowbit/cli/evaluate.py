@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from lowbit._version import library_versions
+from lowbit._version import library_version, library_versions
 from lowbit.calib.data import token_stream
 from lowbit.cli.common import (
     DATA_HELP,
@@ -49,6 +50,12 @@ def add_parser(sub, common) -> None:
     p.add_argument("--reference", metavar="MODEL",
                    help="compare with this model (e.g. the full-precision one the checkpoint was made from): "
                         "KL divergence, top-1 agreement, perplexity ratio")
+    g = p.add_argument_group("lm-evaluation-harness (pip install lm_eval)")
+    g.add_argument("--tasks", type=task_list, metavar="TASK[,TASK...]",
+                   help="run these lm-eval tasks on the loaded model instead of the perplexity")
+    g.add_argument("--tasks-path", metavar="DIR", help="a directory of task YAML files of your own (no Python code)")
+    g.add_argument("--limit", type=int_at_least(1), help="at most this many examples per task")
+    g.add_argument("--num-fewshot", type=int_at_least(0), help="examples in each prompt (default: the task's)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, with the versions "
                                                        "of the libraries that produced them")
     p.set_defaults(run=run)
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.seqlen < 2:
         raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.tasks:
+        return run_harness(args, device)
     texts = load_texts([args.data], args.split)  # a bad --data fails before any model loads
     model, tokenizer, kind = load_any(args.model, device, args.tokenizer, dtype=dtype_arg(args))
     reference = load_reference(args.reference, model, device) if args.reference else None
@@ -69,6 +78,34 @@ def run(args: argparse.Namespace) -> int:
                           **evaluation.to_dict(), "versions": library_versions()}, indent=2))
     else:
         print(describe(evaluation, args, kind))
+    return 0
+
+
+def task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError(f"expected task names separated by commas, got {text!r}")
+    return tasks
+
+
+def run_harness(args: argparse.Namespace, device: str) -> int:
+    """lm-eval tasks on the model as loaded here (a lowbit checkpoint needs no loading by lm-eval)."""
+    from lowbit.eval.harness import refuse_task_code, results_table, run_tasks
+
+    if args.reference:
+        raise UsageError("--reference compares perplexities and next-token distributions; it does not apply "
+                         "to --tasks")
+    if args.tasks_path:
+        refuse_task_code(Path(args.tasks_path).expanduser())  # before the model loads
+    model, tokenizer, kind = load_any(args.model, device, args.tokenizer, dtype=dtype_arg(args))
+    results = run_tasks(model, tokenizer, args.tasks, include_path=args.tasks_path, limit=args.limit,
+                        num_fewshot=args.num_fewshot)
+    if args.json:
+        print(json.dumps({"model": args.model, "kind": kind, "results": results["results"],
+                          "versions": {**library_versions(), "lm_eval": library_version("lm_eval")}},
+                         indent=2, default=str))
+    else:
+        print(f"{args.model} ({kind}):\n{results_table(results)}")
     return 0
 
 

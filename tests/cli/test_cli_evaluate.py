@@ -1,10 +1,12 @@
 """`lowbit eval`: the perplexity of a checkpoint or a full-precision model, and refusals."""
 
 import json
+import random
 import re
 import shutil
 
 import pytest
+import torch
 import transformers
 from cli_tools import assert_one_line_error, ppl, run
 
@@ -93,3 +95,57 @@ def test_eval_refuses_bad_data_before_loading_and_a_mismatched_reference(tiny_hf
     code, _, err = run(["eval", str(tiny_checkpoint), "--reference", str(other), "--data", tiny_hf["text"]],
                        capsys)
     assert_one_line_error(code, err, match="predicts 200 tokens, the model 320")
+
+
+def local_choice_task(directory, tokenizer_words=("river", "city", "north", "old", "new", "water")):
+    """A two-choice lm-eval task on a local JSON-lines file (no dataset download)."""
+    directory.mkdir()
+    rows = []
+    for _ in range(10):
+        a, b = random.sample(tokenizer_words, 2)
+        rows.append({"question": f"the {a} and the", "choices": [a, b], "answer": 0})
+    (directory / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (directory / "task.yaml").write_text(
+        "task: lowbit_local_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\ndoc_to_choice: "{{choices}}"\n'
+        "metric_list:\n  - metric: acc\n    higher_is_better: true\n")
+    return rows
+
+
+def test_eval_runs_local_lm_eval_tasks_on_the_loaded_checkpoint(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """The accuracy lm-eval reports is recomputed here from the checkpoint's log-likelihoods of
+    each choice after its question (the continuation tokens: those the whole text adds)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = local_choice_task(tmp_path / "tasks")
+    code, out, err = run(["eval", str(tiny_checkpoint), "--tasks", "lowbit_local_choice", "--tasks-path",
+                          str(tmp_path / "tasks"), "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["versions"]["lm_eval"] != "not installed"
+
+    model, tokenizer = lowbit.load_quantized(tiny_checkpoint), lowbit.load_tokenizer(tiny_checkpoint)
+
+    def loglikelihood(context, continuation):
+        context_ids = tokenizer(context, add_special_tokens=False).input_ids
+        ids = tokenizer(context + " " + continuation, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        return sum(log_probs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids)))
+
+    correct = [max(range(2), key=lambda c: loglikelihood(row["question"], row["choices"][c])) == row["answer"]
+               for row in rows]
+    assert result["results"]["lowbit_local_choice"]["acc,none"] == pytest.approx(sum(correct) / len(rows))
+
+
+def test_eval_tasks_refusals(tiny_checkpoint, tmp_path, capsys):
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "task.yaml").write_text("task: x\nprocess_docs: !function utils.process\n")
+    code, _, err = run(["eval", str(tiny_checkpoint), "--tasks", "x", "--tasks-path", str(code_dir)], capsys)
+    assert_one_line_error(code, err, match=r"runs Python code \(!function\)")
+    code, _, err = run(["eval", str(tiny_checkpoint), "--tasks", "x", "--reference", str(tiny_checkpoint)], capsys)
+    assert_one_line_error(code, err, match="does not apply to --tasks")
+    code, _, err = run(["eval", str(tiny_checkpoint), "--tasks", ","], capsys)
+    assert_one_line_error(code, err, expected_code=2, match="task names")
