@@ -59,7 +59,7 @@ class LowbitConfig(QuantizationConfigMixin):
 
     def __init__(self, **fields: Any):
         fields.setdefault("quant_method", QUANT_METHOD)
-        if "format_version" in fields:
+        if "format_version" in fields or "modules" in fields:  # a saved checkpoint's, however damaged
             self.__dict__.update(check_quantization_config(fields))
         else:
             self.__dict__.update(check_on_load_settings(fields))
@@ -102,12 +102,12 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: LowbitConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        if self.pre_quantized != quantization_config.is_checkpoint:
+        if self.pre_quantized and not quantization_config.is_checkpoint:  # config.json's: refused, naming the fault
+            check_quantization_config(quantization_config.to_dict(), "config.json quantization_config")
+        if not self.pre_quantized and quantization_config.is_checkpoint:
             raise UsageError(
                 "lowbit: this LowbitConfig describes a saved checkpoint; to quantize a full-precision model on "
                 "load, give the settings only, e.g. LowbitConfig(bits=3, group_size=64)"
-                if quantization_config.is_checkpoint else
-                "lowbit: the model is already quantized; load it without a quantization_config"
             )
 
     def update_attn_implementation(self, config):
