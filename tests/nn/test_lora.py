@@ -61,8 +61,8 @@ def test_lora_trains_the_adapters_and_leaves_the_packed_weights(one_thread):
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
-    losses = train(peft_model, periodic_batch(model.config.vocab_size), steps=12)
-    assert losses[-1] < 0.9 * losses[0], losses
+    losses = train(peft_model, periodic_batch(model.config.vocab_size), steps=16)
+    assert losses[-1] < losses[0] - 0.3, losses  # (about 0.5 to 1 nat in 16 steps)
     after = quantized_buffers(layers)
     assert len(before) == 3 * 7 * 2 and all(torch.equal(b, a) for b, a in zip(before, after))
     assert all(not b.requires_grad and b.grad is None for layer in layers for b in layer.buffers())
