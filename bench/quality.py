@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
+from lowbit._version import library_versions  # noqa: E402
 from lowbit.calib.data import sample_windows, token_stream  # noqa: E402
 from lowbit.eval.perplexity import token_perplexity  # noqa: E402
 from lowbit.io import assets  # noqa: E402
@@ -180,7 +181,7 @@ def metadata() -> dict:
     return {
         "date": datetime.date.today().isoformat(),
         "commit": git("rev-parse", "--short", "HEAD") + (" (modified)" if git("status", "--porcelain", "-uno") else ""),
-        "torch": torch.__version__,
+        **library_versions(),
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "cpu_isa": lowbit.ops.cpu_isa(),

@@ -166,6 +166,16 @@ def sync_gradients(optimizer: torch.optim.Optimizer) -> None:
         p.grad = part.to(p.dtype).clone() if count > 0 else None
 
 
+def sum_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
+    """t summed over the ranks (t itself in a single process)."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    with collective(what):
+        dist.all_reduce(t)
+    return t
+
+
 def trainable_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     """The parameters an optimizer updates, each once, in the order of its groups."""
     seen, params = set(), []

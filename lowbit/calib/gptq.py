@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.calib import distributed
 from lowbit.errors import CalibrationError
 
 DAMP_MAX = 1.0        # the most dampening tried (x10 per retry) while H is not positive definite
@@ -106,7 +107,10 @@ class HessianCollector:
         self._last_input = x  # held, so that its address is not reused by another input
 
     def hessian(self, local: str) -> torch.Tensor:
-        return self.sums[local] * (2.0 / self.rows[local])
+        """2 X^T X / n over every calibration window (of every process, when distributed)."""
+        rows = torch.tensor([float(self.rows[local])], device=self.sums[local].device)
+        total = distributed.sum_tensor(torch.cat([self.sums[local].reshape(-1), rows]), "summing Hessians")
+        return total[:-1].view_as(self.sums[local]) * (2.0 / total[-1].item())
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from lowbit._version import __version__
 from lowbit.cli import bench, evaluate, export, generate, info, quantize
 from lowbit.cli.common import FORMATTER, Parser, is_user_error, one_line
+from lowbit.errors import UsageError
 
 # One module per subcommand, each with `add_parser(sub, common)` and `run(args)`.
 SUBCOMMANDS = (quantize, evaluate, generate, bench, export, info)
@@ -61,8 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug or not is_user_error(exc):
             raise
-        print(f"lowbit: error: {one_line(exc)}", file=sys.stderr)
+        print(error_line(args.command, exc), file=sys.stderr)
         return 1
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """The one line of a user error; a setting the command refused points to its --help, as
+    argparse's refusals do."""
+    if isinstance(exc, UsageError):
+        return f"lowbit {command}: error: {one_line(exc)} (see lowbit {command} --help)"
+    return f"lowbit: error: {one_line(exc)}"
 
 
 if __name__ == "__main__":

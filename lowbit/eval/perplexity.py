@@ -1,8 +1,13 @@
-"""Perplexity in the GPTQ convention."""
+"""Perplexity in the GPTQ convention, and the divergence of a quantized model from its
+full-precision reference (KL divergence, top-1 agreement, perplexity ratio)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +37,6 @@ def perplexity(
     return token_perplexity(model, token_stream(tokenizer, texts), seqlen, max_windows, progress=progress)
 
 
-@torch.inference_mode()
 def token_perplexity(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -45,6 +49,88 @@ def token_perplexity(
     tokens (the incomplete tail is dropped; `max_windows` keeps the first ones), each
     window is scored on its own, and every token but the first of each window is
     predicted, so the mean runs over windows * (seqlen - 1) tokens."""
+    return evaluate_tokens(model, tokens, seqlen, max_windows, progress=progress).perplexity
+
+
+@dataclass
+class Evaluation:
+    """A model's perplexity on some windows and, against a reference model (the full-precision
+    one) on the same windows, the divergence of its next-token distributions: KL(reference ||
+    model) per predicted token (mean, median, 99th percentile, in nats), how often both rank
+    the same token first, and the perplexity ratio."""
+
+    windows: int
+    seqlen: int
+    perplexity: float
+    reference_perplexity: float | None = None
+    kl_mean: float | None = None
+    kl_median: float | None = None
+    kl_p99: float | None = None
+    top1_agreement: float | None = None
+
+    @property
+    def perplexity_ratio(self) -> float | None:
+        return None if self.reference_perplexity is None else self.perplexity / self.reference_perplexity
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "perplexity_ratio": self.perplexity_ratio}
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    *,
+    reference: nn.Module | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """`perplexity` and, with a `reference` model, the KL divergence, top-1 agreement and
+    perplexity ratio against it, on the same windows (`evaluate_tokens`)."""
+    return evaluate_tokens(model, token_stream(tokenizer, texts), seqlen, max_windows,
+                           reference=reference, progress=progress)
+
+
+@torch.inference_mode()
+def evaluate_tokens(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    *,
+    reference: nn.Module | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """`Evaluation` of a token stream, windowed as `token_perplexity` describes; the reference
+    (if any) scores each window right after the model, on its own device."""
+    windows = _window_count(tokens, seqlen, max_windows)
+    nll = reference_nll = 0.0
+    kl, agree = [], 0
+    for i in tqdm(range(windows), desc="evaluating", unit="window", disable=not progress, leave=False):
+        ids = tokens[i * seqlen : (i + 1) * seqlen].unsqueeze(0)
+        logits = _logits(model, ids)
+        targets = ids[0, 1:].to(logits.device)
+        nll += F.cross_entropy(logits, targets, reduction="sum").item()
+        if reference is None:
+            continue
+        ref_logits = _logits(reference, ids).to(logits.device)
+        reference_nll += F.cross_entropy(ref_logits, targets, reduction="sum").item()
+        log_p, log_q = F.log_softmax(ref_logits, -1), F.log_softmax(logits, -1)
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).cpu())
+        agree += (ref_logits.argmax(-1) == logits.argmax(-1)).sum().item()
+    predicted = windows * (seqlen - 1)
+    result = Evaluation(windows, seqlen, math.exp(nll / predicted))
+    if reference is not None:
+        per_token = torch.cat(kl).double().numpy()
+        result.reference_perplexity = math.exp(reference_nll / predicted)
+        result.kl_mean = float(per_token.mean())
+        result.kl_median, result.kl_p99 = (float(v) for v in np.percentile(per_token, [50, 99]))
+        result.top1_agreement = agree / predicted
+    return result
+
+
+def _window_count(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> int:
     if tokens.dim() != 1:
         raise UsageError(f"lowbit: tokens must be a 1-D stream, got shape {list(tokens.shape)}")
     if seqlen < 2:
@@ -54,12 +140,9 @@ def token_perplexity(
         windows = min(windows, max_windows)
     if windows < 1:
         raise UsageError(f"lowbit: {tokens.numel()} tokens are fewer than one window of {seqlen}")
-    device = input_device(model)
-    total = 0.0
-    for i in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress, leave=False):
-        ids = tokens[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-        total += F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
-    return math.exp(total / (windows * (seqlen - 1)))
+    return windows
 
 
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """float32 logits [seqlen - 1, vocab] predicting tokens 1.. of one window."""
+    return model(input_ids=ids.to(input_device(model)), use_cache=False).logits[0, :-1].float()

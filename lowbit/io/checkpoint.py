@@ -34,6 +34,7 @@ from lowbit.io.files import (
 from lowbit.io.validate import (  # noqa: F401  (the schema's names, also read from here)
     DTYPES,
     FORMAT_VERSION,
+    LOAD_GUARD,
     QUANT_METHOD,
     READABLE_VERSIONS,
     check_directory,
@@ -171,6 +172,8 @@ def save_config_files(model: nn.Module, directory: Path, quant_config: dict, tok
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # what vLLM and others dispatch on
     config.quantization_config = quant_config
+    if quant_config["quant_method"] == QUANT_METHOD:
+        config.attn_implementation = LOAD_GUARD  # written to config.json: see LOAD_GUARD
     _untie_quantized(model, config)
     config.save_pretrained(directory)
     generation_config = getattr(model, "generation_config", None)

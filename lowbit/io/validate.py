@@ -40,6 +40,12 @@ QUANT_METHOD = "lowbit"
 FORMAT_VERSION = 2  # 2 added the "adapter" field of module entries
 READABLE_VERSIONS = (1, 2)
 
+# A lowbit checkpoint's config.json asks for this attention implementation, which no
+# transformers has: a process without lowbit's quantizer then refuses to build the model,
+# naming it, instead of loading random weights in place of the packed ones. lowbit's readers
+# drop it (`drop_load_guard`). docs/CHECKPOINTS.md, "Loading without lowbit".
+LOAD_GUARD = "lowbit-checkpoint: `import lowbit` (pip install lowbit) before loading this model"
+
 DTYPES = format.DTYPE_NAMES
 SPEC_KEYS = {"bits", "group_size", "in_features", "out_features", "bias", "dtype"}
 # Optional module-entry fields, by the format version that introduced them.
@@ -159,9 +165,17 @@ def check_sizes_against_tensors(raw: Mapping[str, Any], reader: SafetensorsCheck
 def parse_model_config(path: Path) -> transformers.PretrainedConfig:
     """The transformers config of a directory whose config.json passed `read_config_json`."""
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # any refusal of the config's values is the checkpoint's fault
         raise CheckpointError(f"lowbit: cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
+    return drop_load_guard(config)
+
+
+def drop_load_guard(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The config with `LOAD_GUARD` replaced by transformers' default attention choice."""
+    if getattr(config, "_attn_implementation", None) == LOAD_GUARD:
+        config._attn_implementation = None
+    return config
 
 
 def read_model_config(path: str | os.PathLike) -> transformers.PretrainedConfig:

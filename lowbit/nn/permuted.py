@@ -64,13 +64,16 @@ class PermutedQuantLinear(QuantLinear):
     def dense_weight(self) -> torch.Tensor:
         return self._unpermute(super().dense_weight())
 
-    def merge_and_requantize(self, grid: str = "same") -> PermutedQuantLinear:
-        """Merges the adapter (which reads the permuted input) in the stored order and keeps
-        the permutation."""
+    def requantize(self, weight: torch.Tensor, grid: str = "same") -> PermutedQuantLinear:
+        """Rounds `weight` (in the original input order) in the stored order and keeps the
+        permutation."""
+        self.check_weight_shape(weight)
         stored = QuantLinear(self.in_features, self.out_features, self.bits, self.group_size,
                              self.bias is not None, self.scales.dtype, self.packed.device)
-        stored.load_state_dict({k: v for k, v in self.state_dict().items() if k != "input_perm"})
-        return PermutedQuantLinear.from_permuted(stored.merge_and_requantize(grid), self.input_perm)
+        stored.load_state_dict({k: v for k, v in self.state_dict().items()
+                                if k != "input_perm" and not k.startswith("adapter.")})
+        requantized = stored.requantize(weight[:, self.input_perm.long()], grid)
+        return PermutedQuantLinear.from_permuted(requantized, self.input_perm)
 
     def codes(self) -> torch.Tensor:
         return self._unpermute(super().codes())

@@ -212,15 +212,22 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def merge_and_requantize(self, grid: str = "same") -> QuantLinear:
-        """A plain QuantLinear (no adapter) for W + scale * B A, rounded to nearest.
-
-        grid="same" keeps this layer's scales and zeros (the calibrated clipping) and
-        rounds the merged weight onto them; grid="minmax" refits min-max scales and
-        zeros per group to the merged weight. Rounding the merged weight loses part of
-        what the adapter learned: BENCHMARKS.md measures how much."""
+        """A plain QuantLinear (no adapter) for W + scale * B A, rounded to nearest
+        (`requantize`). Rounding the merged weight loses part of what the adapter learned:
+        BENCHMARKS.md measures how much."""
         if self.adapter is None:
             raise UsageError("lowbit: this QuantLinear has no adapter to merge")
-        w = self.dense_weight()
+        return self.requantize(self.dense_weight(), grid)
+
+    @torch.no_grad()
+    def requantize(self, weight: torch.Tensor, grid: str = "same") -> QuantLinear:
+        """A plain QuantLinear (no adapter) for `weight` [out_features, in_features], e.g.
+        this layer's weight plus a fine-tuned change, rounded to nearest.
+
+        grid="same" keeps this layer's scales and zeros (the calibrated clipping) and
+        rounds `weight` onto them; grid="minmax" refits min-max scales and zeros per group."""
+        self.check_weight_shape(weight)
+        w = weight.float()
         if grid == "same":  # nearest code; zeros may be fractional in this format
             scales, zeros = self.scales, self.zeros
             q = grouped(w, self.group_size) / scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
@@ -232,6 +239,17 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.clone()
         return QuantLinear.from_quantized(codes, scales.clone(), zeros.clone(), bias,
                                           bits=self.bits, group_size=self.group_size)
+
+    def check_weight_shape(self, weight: torch.Tensor) -> None:
+        if weight.shape != (self.out_features, self.in_features):
+            raise UsageError(f"lowbit: expected a weight of shape {[self.out_features, self.in_features]}, "
+                             f"got {list(weight.shape)}")
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """`packed`, under the name by which peft finds a quantized layer's device (an integer
+        tensor, so adapters keep their own dtype)."""
+        return self.packed
 
     def dequantize(self) -> torch.Tensor:
         """The weight W[out_features, in_features] in the scales' dtype."""

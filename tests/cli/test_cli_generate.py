@@ -1,6 +1,8 @@
 """`lowbit generate`: greedy and seeded sampled continuations, the speed line, refusals."""
 
+import io
 import re
+import shutil
 
 import torch
 from cli_tools import assert_one_line_error, run
@@ -42,3 +44,37 @@ def test_generate_refusals(tiny_checkpoint, capsys):
     for flag, value in (("--temperature", "0"), ("--top-p", "1.5"), ("--top-k", "-1")):
         code, _, err = run(["generate", str(tiny_checkpoint), "--sample", flag, value], capsys)
         assert_one_line_error(code, err, match="--sample needs --temperature > 0")
+
+
+def test_generate_interactive_keeps_the_conversation(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Each stdin line is a user message answered in the whole conversation so far (chat
+    template); /exit ends it. -n and --dtype are the short and dtype flags."""
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny_checkpoint, chat)
+    tokenizer = lowbit.load_tokenizer(chat)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.save_pretrained(chat)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the river\n\nold city\n/exit\nnever read\n"))
+    code, out, err = run(["generate", str(chat), "--interactive", "-n", "6", "--dtype", "float32"], capsys)
+    assert code == 0, err
+
+    model = lowbit.load_quantized(chat)
+    messages, replies = [], []
+    for message in ("the river", "old city"):
+        messages.append({"role": "user", "content": message})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tokenizer.eos_token_id)
+        replies.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    assert out == "\n".join(replies) + "\n"
+    assert len(re.findall(r"new tokens in", err)) == 2
+
+
+def test_generate_dtype_and_short_flags(tiny_checkpoint, capsys):
+    code, out, err = run(["generate", str(tiny_checkpoint), "-p", "the old", "-n", "3", "--dtype", "bfloat16"],
+                         capsys)
+    assert code == 0 and out.startswith("the old") and "[3 new tokens" in err, err
+    code, _, err = run(["generate", str(tiny_checkpoint), "--dtype", "int8"], capsys)
+    assert_one_line_error(code, err, expected_code=2, match="invalid choice: 'int8'")

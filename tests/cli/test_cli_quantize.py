@@ -51,6 +51,15 @@ def test_quantize_prints_the_summary_of_what_it_saved(tiny_hf, tmp_path, capsys)
     assert float(after) == pytest.approx(ppl(quantized, tiny_hf), abs=0.006)
     assert float(before) != float(after)
     assert change.endswith("%")
+    # KL divergence and top-1 agreement of the saved checkpoint against the original, recomputed.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf["model"])
+    expected = lowbit.evaluate(quantized, tokenizer, [Path(tiny_hf["text"]).read_text()], 32, 4,
+                               reference=fp_model, progress=False)
+    kl = cells(stdout, "KL divergence (nats)")
+    assert kl == [f"{expected.kl_mean:.3f}", f"median {expected.kl_median:.3f}, p99 {expected.kl_p99:.2f}"]
+    assert expected.kl_mean > 0
+    assert cells(stdout, "top-1 agreement") == [f"{100 * expected.top1_agreement:.1f} %"]
+    assert f"transformers {transformers.__version__}" in stdout
     for label in ("decode (tokens/s)", "linear layers (ms/token)"):
         row = cells(stdout, label)
         assert float(row[0]) > 0 and float(row[1]) > 0 and re.fullmatch(r"\d+\.\d\dx (faster|slower)", row[2])
@@ -165,11 +174,38 @@ def test_resume_directory_of_another_run_is_refused(tiny_hf, tmp_path, capsys):
     (["--epochs", "-1"], 2, r"must be at least 0"),
     (["--calibration", "no-such-file.txt"], 1, r"unknown text source 'no-such-file.txt'"),
     (["--eval-data", "no-such-file.txt"], 1, r"unknown text source"),
+    (["--override", "down_proj"], 2, r"--override: expected PATTERN=BITS.*see lowbit quantize --help"),
+    (["--override", "down_proj=5"], 1, r"bits.*see lowbit quantize --help"),
+    (["--override", "down_proj=g48"], 1, r"group_size.*see lowbit quantize --help"),
 ])
 def test_quantize_refusals_are_one_line(tiny_hf, tmp_path, capsys, extra, status, match):
     code, _, err = run(quantize_args(tiny_hf, tmp_path / "x", "--no-bench", *extra), capsys)
     assert_one_line_error(code, err, status, match)
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_per_layer_settings_from_the_command_line(tiny_hf, tmp_path, capsys):
+    """--override and --keep in order (the first match wins), as the Python overrides."""
+    out = tmp_path / "mixed"
+    code, stdout, err = run(quantize_args(
+        tiny_hf, out, "--method", "rtn", "--no-bench", "--no-eval", "--override", "model.layers.0.mlp.down_proj=2",
+        "--keep", r"model\.layers\.0\.mlp\.down_proj", "--override", "down_proj=4g32", "--keep", "o_proj",
+        "--override", "lm_head=g32"), capsys)
+    assert code == 0, err
+    info = lowbit.checkpoint_info(out)
+    assert info["schemes"] == {"3-bit g64": 10, "2-bit g64": 1, "4-bit g32": 1, "3-bit g32": 1}
+    assert sorted(info["full_precision_modules"]) == ["model.layers.0.self_attn.o_proj",
+                                                      "model.layers.1.self_attn.o_proj"]
+    assert "per layer: model.layers.0.mlp.down_proj w2g64, " in stdout and "o_proj kept" in stdout
+
+
+def test_quantize_reads_the_texts_before_the_model(tiny_hf, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(quantize, "load_full_precision", never)
+    code, _, err = run(quantize_args(tiny_hf, tmp_path / "x", "--eval-data", str(tmp_path / "missing")), capsys)
+    assert_one_line_error(code, err, match="unknown text source")
 
 
 def test_quantize_refuses_missing_model_and_occupied_output(tiny_hf, tmp_path, capsys):

@@ -8,7 +8,7 @@ from tiny import CharTokenizer, tiny_model
 
 import lowbit
 from lowbit.calib.data import calibration_windows, token_stream
-from lowbit.eval.perplexity import token_perplexity
+from lowbit.eval.perplexity import evaluate_tokens, token_perplexity
 from lowbit.nn.convert import dense_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,3 +68,43 @@ def test_dense_weights_compute_the_quantlinear_model_and_restore_it():
             dense = model(input_ids=tokens).logits
     assert isinstance(model.model.layers[0].mlp.up_proj, lowbit.QuantLinear)
     torch.testing.assert_close(dense, packed, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_against_a_reference_matches_a_direct_computation():
+    """KL(reference || model) per predicted token, top-1 agreement and both perplexities,
+    recomputed here with torch's kl_div over all windows at once."""
+    reference = tiny_model("llama", seed=None)
+    model = tiny_model("llama", seed=None)
+    model.load_state_dict(reference.state_dict())
+    lowbit.quantize_rtn(model, bits=2, group_size=32)
+    seqlen, windows = 20, 4
+    tokens = torch.randint(0, 128, (windows * seqlen + 5,))
+    result = evaluate_tokens(model, tokens, seqlen, reference=reference, progress=False)
+
+    batch = tokens[: windows * seqlen].view(windows, seqlen)
+    with torch.no_grad():
+        log_q = torch.log_softmax(model(batch).logits[:, :-1].double(), -1)
+        log_p = torch.log_softmax(reference(batch).logits[:, :-1].double(), -1)
+    kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).flatten()
+    targets = batch[:, 1:].unsqueeze(-1)
+    assert result.windows == windows and result.seqlen == seqlen
+    assert result.kl_mean == pytest.approx(kl.mean().item(), rel=1e-4) and result.kl_mean > 0
+    assert result.kl_median == pytest.approx(torch.quantile(kl, 0.5).item(), rel=1e-4)
+    assert result.kl_p99 == pytest.approx(torch.quantile(kl, 0.99).item(), rel=1e-4)
+    assert result.top1_agreement == (log_q.argmax(-1) == log_p.argmax(-1)).double().mean().item()
+    assert result.perplexity == pytest.approx(math.exp(-log_q.gather(-1, targets).mean().item()), rel=1e-5)
+    assert result.reference_perplexity == pytest.approx(math.exp(-log_p.gather(-1, targets).mean().item()),
+                                                        rel=1e-5)
+    assert result.perplexity_ratio == pytest.approx(result.perplexity / result.reference_perplexity)
+    assert result.to_dict()["perplexity_ratio"] == result.perplexity_ratio
+
+
+def test_evaluate_a_model_against_itself_and_without_a_reference():
+    model = tiny_model("llama", seed=None)
+    text = "".join(chr(c + 32) for c in range(90)) * 3
+    same = lowbit.evaluate(model, CharTokenizer(), [text], seqlen=24, reference=model, progress=False)
+    assert same.kl_mean == pytest.approx(0, abs=1e-6) and same.kl_p99 == pytest.approx(0, abs=1e-6)
+    assert same.top1_agreement == 1 and same.perplexity_ratio == pytest.approx(1)
+    alone = lowbit.evaluate(model, CharTokenizer(), [text], seqlen=24, progress=False)
+    assert alone.perplexity == pytest.approx(same.perplexity)
+    assert alone.kl_mean is None and alone.top1_agreement is None and alone.perplexity_ratio is None
