@@ -55,10 +55,12 @@ class StartsFromGPTQ:
     def compensates(self) -> bool:
         return self.config.init == "gptq"
 
+    def gptq_options(self) -> GPTQOptions:
+        return GPTQOptions()
+
     def fit(self, run_block: Callable[[], object]) -> None:
         if self.compensates():
-            options = GPTQOptions(act_order=True, clip_search=True)
-            compensate_block(self.wrappers, run_block, options, block_name_of(self.specs))
+            compensate_block(self.wrappers, run_block, self.gptq_options(), block_name_of(self.specs))
 
 
 @dataclass
@@ -86,7 +88,7 @@ class GPTQSettings:
                 raise UsageError(f"lowbit: {name} must be true or false, got {getattr(self, name)!r}")
 
 
-class GPTQ(Method):
+class GPTQ(StartsFromGPTQ, Method):
     name = "gptq"
     Settings = GPTQSettings
 
@@ -112,12 +114,14 @@ class GPTQ(Method):
 
     def wrap(self, layer: nn.Module, spec: LayerSpec) -> nn.Module:
         return ClippedLinear(layer, spec.bits, spec.group_size, spec.scale_dtype, init=MINMAX_LOGIT,
-                             compensated=True)
+                             compensated=self.compensates())
 
-    def fit(self, run_block: Callable[[], object]) -> None:
-        options = GPTQOptions(damp=self.config.damp, block_size=self.config.block_size,
-                              act_order=self.config.act_order, clip_search=self.config.clip_search)
-        compensate_block(self.wrappers, run_block, options, block_name_of(self.specs))
+    def compensates(self) -> bool:
+        return True
+
+    def gptq_options(self) -> GPTQOptions:
+        return GPTQOptions(damp=self.config.damp, block_size=self.config.block_size,
+                           act_order=self.config.act_order, clip_search=self.config.clip_search)
 
     def export(self, local_name: str, wrapper: nn.Module) -> nn.Module:
         return wrapper.to_quant_linear()
