@@ -60,8 +60,9 @@ class ScaleTunedLinear(nn.Module):
         return cast_ste(self.base_scales * self.factor, self.scale_dtype)
 
     def weight(self) -> torch.Tensor:
-        per_column = lambda t: t.repeat_interleave(self.group_size, dim=1)  # noqa: E731
-        return (self.codes.float() - per_column(self.zeros)) * per_column(self.scales())
+        zeros = self.zeros.repeat_interleave(self.group_size, dim=1)
+        scales = self.scales().repeat_interleave(self.group_size, dim=1)
+        return (self.codes.float() - zeros) * scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -145,7 +145,7 @@ def compensate(
     rounded, so that clamp(round(W~ / s) + z, 0, 2^bits - 1) are GPTQ's codes."""
     w = weight.detach().float().clone()
     h = hessian.clone()
-    n, k = w.shape
+    k = w.shape[1]
     group_size = k // scales.shape[1]
     dead = h.diagonal() == 0  # inputs that are always zero: nothing to compensate
     h[dead, dead] = 1.0
