@@ -56,8 +56,9 @@ class GPTQOptions:
 
 
 class HessianCollector:
-    """Accumulates X^T X of the inputs of some stand-ins over forward passes, and records
-    the order in which they are called and which of them share an input."""
+    """Records the order in which some stand-ins are called and which of them share an
+    input (the steps), and accumulates X^T X of the first step's input over forward
+    passes: the later steps' inputs change once the first is quantized."""
 
     def __init__(self, modules: dict[str, nn.Module], block_name: str):
         self.modules, self.block_name = modules, block_name
@@ -81,6 +82,8 @@ class HessianCollector:
     def _hook(self, local: str) -> Callable:
         def hook(module, args):
             self._record_order(local, args[0])
+            if local not in self.steps[0]:
+                return  # a later step: its inputs change once this step is quantized
             x = args[0].detach()
             rows = x.reshape(-1, x.shape[-1]).float()
             if not torch.isfinite(rows).all():
@@ -88,11 +91,13 @@ class HessianCollector:
                     f"lowbit: the inputs of {self.block_name}.{local} contain NaN or Inf; "
                     "calibration stopped at this layer"
                 )
-            if local not in self.sums:
-                self.sums[local] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
-                self.rows[local] = 0
-            self.sums[local].addmm_(rows.T, rows)
-            self.rows[local] += rows.shape[0]
+            owner = self.steps[0][0]  # the layers of a step share one input: one sum
+            if owner not in self.sums:
+                self.sums[owner] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+                self.rows[owner] = 0
+            if local == owner:
+                self.sums[owner].addmm_(rows.T, rows)
+                self.rows[owner] += rows.shape[0]
 
         return hook
 
@@ -108,9 +113,12 @@ class HessianCollector:
 
     def hessian(self, local: str) -> torch.Tensor:
         """2 X^T X / n over every calibration window (of every process, when distributed)."""
-        rows = torch.tensor([float(self.rows[local])], device=self.sums[local].device)
-        total = distributed.sum_tensor(torch.cat([self.sums[local].reshape(-1), rows]), "summing Hessians")
-        return total[:-1].view_as(self.sums[local]) * (2.0 / total[-1].item())
+        if local not in self.steps[0]:
+            raise ValueError(f"{local} is not in the first step {self.steps[0]}: its inputs were not summed")
+        owner = self.steps[0][0]
+        rows = torch.tensor([float(self.rows[owner])], device=self.sums[owner].device)
+        total = distributed.sum_tensor(torch.cat([self.sums[owner].reshape(-1), rows]), "summing Hessians")
+        return total[:-1].view_as(self.sums[owner]) * (2.0 / total[-1].item())
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:

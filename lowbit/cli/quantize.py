@@ -24,6 +24,7 @@ from lowbit.calib.config import QuantConfig
 from lowbit.calib.data import token_stream
 from lowbit.calib.methods import METHODS, get_method, methods_with_setting
 from lowbit.calib.methods.base import QUICK_BUDGET, QUICK_CLIP_LR
+from lowbit.calib.methods.gptq import INITS
 from lowbit.cli.common import (
     DATA_HELP,
     DEFAULT_MODEL,
@@ -82,6 +83,10 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
             settings[name] = getattr(args, name)
     if args.saliency:
         settings["saliency"] = check_saliency(args.saliency, method_cls)
+    if args.init:
+        settings["init"] = check_init_flag(args.init, method_cls)
+    if args.e2e_epochs is not None:
+        settings["e2e_epochs"] = args.e2e_epochs
     config = QuantConfig(lr=lr, **settings)
     return config.resolved(method_cls.defaults(config))
 
@@ -118,6 +123,14 @@ def check_saliency(saliency: bool | str, method_cls) -> bool | str:
         raise UsageError(f"--saliency {saliency}: no such directory (omit DIR to compute the saliency "
                          "from the calibration data)")
     return saliency if saliency is True else str(Path(saliency).expanduser())
+
+
+def check_init_flag(init: str, method_cls) -> str:
+    """--init's value, refused for methods that have no starting point to choose."""
+    if method_cls.name not in methods_with_setting("init"):
+        raise UsageError(f"--init: {method_cls.name} has no starting point to choose; methods that do: "
+                         f"{', '.join(methods_with_setting('init'))}")
+    return init
 
 
 def default_output(model: str, bits: int, group_size: int | None) -> Path:
@@ -348,6 +361,10 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
         saliency = config.options.get("saliency")
         if saliency:
             text += ", saliency " + ("from the calibration data" if saliency is True else saliency)
+        if config.options.get("init"):
+            text += f", from {config.options['init']}"
+        if config.e2e_epochs:
+            text += f"; end to end: {config.e2e_epochs} epochs"
     return text
 
 
@@ -473,6 +490,12 @@ examples:
     g.add_argument("--saliency", nargs="?", const=True, default=False, metavar="DIR",
                    help="saliency-aware training (methods that support it, e.g. apiq): computed from the "
                         "calibration data, or read from DIR (written by lowbit.compute_saliency)")
+    g.add_argument("--init", choices=INITS,
+                   help="the codes, scales and zeros that omniquant, apiq and tesseraq train from: "
+                        "round-to-nearest or GPTQ's error-compensated ones (default: the method's)")
+    g.add_argument("--e2e-epochs", type=int_at_least(0), metavar="N",
+                   help="passes of the end-to-end stage after the block-wise one: every layer's scales "
+                        "trained against the full-precision model's logits (0: off)")
     g.add_argument("--seed", type=int, default=0, help="seeds the windows, batch order and projections (default: 0)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")

@@ -145,12 +145,19 @@ def test_true_sequential_steps_of_a_llama_block():
     layers = {name: block.get_submodule(name) for name in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    normed = []
+    handle = block.input_layernorm.register_forward_hook(lambda m, a, out: normed.append(out))
     with HessianCollector(layers, "model.layers.0") as collector, torch.no_grad():
         model(input_ids=random_tokens(2, 16))
+    handle.remove()
     assert [sorted(step) for step in collector.steps] == [
         ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-    assert collector.hessian("mlp.down_proj").shape == (block.mlp.down_proj.in_features,) * 2
+    x = normed[0].reshape(-1, normed[0].shape[-1]).float()
+    for local in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):  # one input, one sum
+        torch.testing.assert_close(collector.hessian(local), 2 * x.T @ x / x.shape[0])
+    with pytest.raises(ValueError, match="not in the first step"):  # its inputs change with step 1
+        collector.hessian("mlp.down_proj")
 
 
 def config(**kw):

@@ -291,6 +291,20 @@ def test_saliency_refusals(tiny_hf, tmp_path, capsys):
                         lowbit.QuantConfig(method="omniquant", saliency=True))
 
 
+def test_init_and_end_to_end_flags(tiny_hf, tmp_path, capsys):
+    def config(*flags):
+        return quantize.quant_config(build_parser().parse_args(["quantize", *flags]), None)
+
+    assert config("--init", "gptq", "--e2e-epochs", "2").init == "gptq"
+    assert config("--method", "apiq", "--init", "rtn").init == "rtn"
+    assert config("--e2e-epochs", "3").e2e_epochs == 3
+    code, _, err = run(quantize_args(tiny_hf, tmp_path / "g", "--method", "gptq", "--init", "gptq"), capsys)
+    assert_one_line_error(code, err, match="--init: gptq has no starting point to choose; methods that do: apiq")
+    code, _, err = run(quantize_args(tiny_hf, tmp_path / "r", "--method", "rtn", "--e2e-epochs", "1"), capsys)
+    assert_one_line_error(code, err, match="end-to-end stage")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "r").exists()
+
+
 # --- the real default --------------------------------------------------------------------------
 
 
