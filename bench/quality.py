@@ -1,13 +1,24 @@
-"""Quality of the calibration methods on the real model and real text.
+"""Quality of the calibration recipes on the real model and real text.
 
 SmolLM2-135M-Instruct (lowbit.io.assets), every linear layer of the decoder blocks
 quantized (embeddings and lm_head stay in full precision), calibrated on State of
 the Union speeches before 2000, evaluated on the two held-out splits (the last
 3,000 Wikipedia extracts, and the speeches from 2000 on). Prints and writes a
 markdown table: perplexities (mean +- standard deviation over seeds), calibration
-time and peak memory, and the share of the full-precision-to-omniquant gap that
-the sliced-Wasserstein term recovers, seed by seed (the MSE and MSE+SW runs of one
-seed share their calibration windows).
+time and peak memory, and the share of the perplexity gap to full precision that
+the sliced-Wasserstein term and the end-to-end stage recover, seed by seed (runs
+of one seed share their calibration windows).
+
+A recipe is a method with modifiers joined by "+", each a flag of `lowbit quantize`
+with the budget it would get there (--budget quick, or the flags given here):
+
+    rtn, gptq, omniquant, apiq, tesseraq     --method
+    +gptq       --init gptq (omniquant, apiq, tesseraq start from GPTQ's codes)
+    +sw         --sw-weight (--sw-weight here, 0.1 by default)
+    +saliency   --saliency (apiq)
+    +e2e        --e2e-epochs (--e2e-epochs here, 2 by default)
+
+    python bench/quality.py --settings w3g64 --recipes rtn,gptq,omniquant+gptq,omniquant+gptq+e2e
 
 Run heavy jobs under the shared lock on the development machine:
 
@@ -37,30 +48,41 @@ sys.path.insert(0, str(ROOT))
 
 import lowbit  # noqa: E402
 from lowbit._version import library_versions  # noqa: E402
+from lowbit.cli import build_parser  # noqa: E402
+from lowbit.cli.quantize import quant_config as cli_quant_config  # noqa: E402
 from lowbit.calib.data import sample_windows, token_stream  # noqa: E402
 from lowbit.eval.perplexity import token_perplexity  # noqa: E402
 from lowbit.io import assets  # noqa: E402
 from lowbit.nn.convert import dense_weights  # noqa: E402
 
-SETTINGS = {"w3g64": (3, 64), "w2g64": (2, 64), "w4g64": (4, 64), "w3g32": (3, 32), "w2g32": (2, 32)}
-METHODS = ("fp", "rtn", "omniquant", "omniquant-sw")
+SETTINGS = {"w3g64": (3, 64), "w2g64": (2, 64), "w3g128": (3, 128), "w4g64": (4, 64), "w4g128": (4, 128),
+            "w3g32": (3, 32), "w2g32": (2, 32)}
+BASE_METHODS = ("rtn", "gptq", "omniquant", "apiq", "tesseraq")
+MODIFIERS = ("gptq", "sw", "saliency", "e2e")
+DEFAULT_RECIPES = "rtn,gptq,omniquant,omniquant+gptq,omniquant+gptq+e2e"
 SPLITS = ("wiki", "sotu")
+
+
+def parse_recipe(recipe: str) -> tuple[str, list[str]]:
+    """"apiq+gptq+saliency" -> ("apiq", ["gptq", "saliency"]); "fp" is the unquantized model."""
+    base, *modifiers = recipe.split("+")
+    if recipe != "fp" and (base not in BASE_METHODS or any(m not in MODIFIERS for m in modifiers)
+                           or len(set(modifiers)) != len(modifiers)):
+        raise SystemExit(f"bad recipe {recipe!r}: fp, or one of {BASE_METHODS} followed by any of "
+                         f"{', '.join('+' + m for m in MODIFIERS)}")
+    return base, modifiers
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", default="w3g64,w2g64", help=f"comma list of {','.join(SETTINGS)}")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
-    p.add_argument("--seeds", default="0,1,2", help="seeds of the calibrated methods")
-    p.add_argument("--nsamples", type=int, default=4, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per block")
-    p.add_argument("--lr", type=float, default=0.5,
-                   help="learning rate of the clip logits (high: the budget is 8 steps per block)")
-    p.add_argument("--aug-loss", choices=("default", "on", "off"), default="default",
-                   help="second target (default: the method's, on at 2 bits)")
-    p.add_argument("--sw-weight", type=float, default=0.1, help="w of the omniquant-sw variant")
-    p.add_argument("--sw-projections", type=int, default=128)
+    p.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma list of recipes (see above), and fp")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the calibrated recipes")
+    p.add_argument("--flags", default="",
+                   help="more `lowbit quantize` flags for every calibrated recipe, e.g. '--nsamples 16 --epochs 4' "
+                        "(default: the quick budget)")
+    p.add_argument("--sw-weight", type=float, default=0.1, help="w of the +sw recipes")
+    p.add_argument("--e2e-epochs", type=int, default=2, help="epochs of the +e2e recipes")
     p.add_argument("--eval-windows", type=int, default=4, help="windows per evaluation split")
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-weights", choices=("packed", "dense"), default="packed",
@@ -109,16 +131,21 @@ def evaluate(model, streams, args) -> dict[str, float]:
     return run()
 
 
-def quant_config(method: str, bits: int, group_size: int, seed: int, args) -> lowbit.QuantConfig:
-    if method == "rtn":
-        return lowbit.QuantConfig(method="rtn", bits=bits, group_size=group_size, progress=False)
-    aug = {"default": None, "on": True, "off": False}[args.aug_loss]
-    return lowbit.QuantConfig(
-        method="omniquant", bits=bits, group_size=group_size, seed=seed,
-        nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr={"clip": args.lr},
-        aug_loss=aug, sw_weight=args.sw_weight if method == "omniquant-sw" else 0.0,
-        sw_projections=args.sw_projections, progress=False,
-    )
+MODIFIER_FLAGS = {"gptq": lambda args: ["--init", "gptq"], "sw": lambda args: ["--sw-weight", str(args.sw_weight)],
+                  "saliency": lambda args: ["--saliency"], "e2e": lambda args: ["--e2e-epochs", str(args.e2e_epochs)]}
+
+
+def quant_config(recipe: str, bits: int, group_size: int, seed: int, args) -> lowbit.QuantConfig:
+    """The QuantConfig `lowbit quantize` would run for this recipe."""
+    base, modifiers = parse_recipe(recipe)
+    flags = ["--method", base, "--bits", str(bits), "--group-size", str(group_size), "--seed", str(seed)]
+    if base != "rtn":
+        flags += args.flags.split()
+    for modifier in modifiers:
+        flags += MODIFIER_FLAGS[modifier](args)
+    config = cli_quant_config(build_parser().parse_args(["quantize", *flags]), None)
+    config.progress = False
+    return config
 
 
 def run(args) -> dict:
@@ -126,44 +153,45 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = [s for s in args.settings.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
+    recipes = [r for r in args.recipes.split(",") if r]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m}; choose from {METHODS}")
+    for recipe in recipes:
+        parse_recipe(recipe)
     model_dir = assets.smollm2_dir()
     _, tokenizer = assets.load_model()
     calibration_stream = token_stream(tokenizer, assets.load_texts("sotu", "calibration"))
     streams = {split: token_stream(tokenizer, assets.load_texts(split, "evaluation")) for split in SPLITS}
     results = []
 
-    def record(setting, method, seed, ppl, seconds=None, peak=None, report=None):
-        row = {"setting": setting, "method": method, "seed": seed, **ppl,
+    def record(setting, recipe, seed, ppl, seconds=None, peak=None, report=None, config=None):
+        row = {"setting": setting, "recipe": recipe, "seed": seed, **ppl,
                "calibration_s": seconds, "peak_rss_gb": None if peak is None else peak / 2**30}
         if report is not None:
             row["report"] = report.to_dict()
+        if config is not None:
+            row["budget"] = {k: getattr(config, k) for k in ("nsamples", "seqlen", "epochs", "e2e_epochs")}
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
 
-    if "fp" in methods:
+    if "fp" in recipes:
         model, _ = assets.load_model()
         record("-", "fp", None, evaluate(model, streams, args))
     for setting in settings:
         bits, group_size = SETTINGS[setting]
-        for method in methods:
-            if method == "fp":
+        for recipe in recipes:
+            if recipe == "fp":
                 continue
-            for seed in ([None] if method == "rtn" else seeds):
+            for seed in ([None] if recipe == "rtn" else seeds):
                 model, _ = assets.load_model()
-                config = quant_config(method, bits, group_size, seed or 0, args)
+                config = quant_config(recipe, bits, group_size, seed or 0, args)
                 tokens = None
-                if method != "rtn":
-                    tokens = sample_windows(calibration_stream, args.nsamples, args.seqlen, seed)
+                if recipe != "rtn":
+                    tokens = sample_windows(calibration_stream, config.nsamples, config.seqlen, seed)
                 with PeakRSS() as memory:
                     started = time.perf_counter()
                     report = lowbit.quantize(model, config, tokens)
                     seconds = time.perf_counter() - started
-                record(setting, method, seed, evaluate(model, streams, args), seconds, memory.peak, report)
+                record(setting, recipe, seed, evaluate(model, streams, args), seconds, memory.peak, report, config)
                 del model
     meta = {**metadata(), "wall_s": time.perf_counter() - run_started}
     return {"args": vars(args), "model": str(model_dir), "results": results, "meta": meta}
@@ -206,14 +234,34 @@ def fmt(values, digits=2):
     return text + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
 
 
-def gap_recovered(results, setting, split) -> list[float]:
-    """Per seed: (ppl_mse - ppl_sw) / (ppl_mse - ppl_fp), in percent."""
-    fp = [r[split] for r in results if r["method"] == "fp"]
+def gap_recovered(results, setting, split, modifier) -> dict[str, list[float]]:
+    """For every recipe R whose R+modifier also ran: per seed, the share of R's perplexity
+    gap to full precision that the modifier recovers, (PPL_R - PPL_R+m) / (PPL_R - PPL_fp), in %."""
+    fp = [r[split] for r in results if r["recipe"] == "fp"]
     if not fp:
-        return []
-    mse = {r["seed"]: r[split] for r in results if r["setting"] == setting and r["method"] == "omniquant"}
-    sw = {r["seed"]: r[split] for r in results if r["setting"] == setting and r["method"] == "omniquant-sw"}
-    return [100 * (mse[s] - sw[s]) / (mse[s] - fp[0]) for s in sorted(mse) if s in sw]
+        return {}
+    runs = {}
+    for r in results:
+        if r["setting"] == setting:
+            runs.setdefault(r["recipe"], {})[r["seed"]] = r[split]
+    shares = {}
+    for recipe, by_seed in runs.items():
+        base, modifiers = parse_recipe(recipe)
+        if base == "fp" or modifier not in modifiers:
+            continue
+        without = "+".join([base] + [m for m in modifiers if m != modifier])
+        if without in runs:
+            shares[f"{without} +{modifier}"] = [100 * (runs[without][s] - p) / (runs[without][s] - fp[0])
+                                                for s, p in sorted(by_seed.items()) if s in runs[without]]
+    return shares
+
+
+def budget_text(rows) -> str:
+    budget = rows[0].get("budget")
+    if not budget or not budget["nsamples"]:
+        return "-"
+    text = f"{budget['nsamples']}x{budget['seqlen']}, {budget['epochs']} ep"
+    return text + (f", e2e {budget['e2e_epochs']}" if budget["e2e_epochs"] else "")
 
 
 def table(run_result: dict) -> str:
@@ -224,51 +272,42 @@ def table(run_result: dict) -> str:
         f"CPU kernel {meta['cpu_isa']}, whole run {meta['wall_s'] / 60:.1f} min, evaluation through "
         + ("QuantLinear (packed kernels)" if args["eval_weights"] == "packed" else "dense dequantized weights")
         + ".  ",
-        f"Calibration: {args['nsamples']} windows x {args['seqlen']} tokens of SOTU speeches before 2000, "
-        f"{args['epochs']} epochs per block, batch 1, AdamW lr {args['lr']} on the clip logits, "
-        f"aug_loss {args['aug_loss']}; SW variant w = {args['sw_weight']}, L = {args['sw_projections']}; "
-        f"seeds {args['seeds']}.  ",
+        f"Calibration: SOTU speeches before 2000, `lowbit quantize` flags of each recipe plus "
+        f"`{args['flags'] or '(none: the quick budget)'}`; +sw w = {args['sw_weight']}, +e2e "
+        f"{args['e2e_epochs']} epochs; seeds {args['seeds']}.  ",
         f"Evaluation: first {args['eval_windows']} windows x {args['eval_seqlen']} tokens of each split "
         "(wiki: last 3,000 Wikipedia extracts; sotu: speeches from 2000 on).",
         "",
-        "| setting | method | wiki PPL | sotu PPL | calibration (s) | peak RSS (GB) |",
-        "|---|---|---|---|---|---|",
+        "| setting | recipe | budget (windows x tokens, epochs) | wiki PPL | sotu PPL | calibration (s) "
+        "| peak RSS (GB) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    keys = []
-    for r in results:
-        if (r["setting"], r["method"]) not in keys:
-            keys.append((r["setting"], r["method"]))
-    for setting, method in keys:
-        rows = [r for r in results if r["setting"] == setting and r["method"] == method]
+    keys = list(dict.fromkeys((r["setting"], r["recipe"]) for r in results))
+    for setting, recipe in keys:
+        rows = [r for r in results if r["setting"] == setting and r["recipe"] == recipe]
         lines.append(
-            f"| {setting} | {method} | {fmt([r['wiki'] for r in rows])} | {fmt([r['sotu'] for r in rows])} "
-            f"| {fmt([r['calibration_s'] for r in rows], 0)} | {fmt([r['peak_rss_gb'] for r in rows])} |"
+            f"| {setting} | {recipe} | {budget_text(rows)} | {fmt([r['wiki'] for r in rows])} "
+            f"| {fmt([r['sotu'] for r in rows])} | {fmt([r['calibration_s'] for r in rows], 0)} "
+            f"| {fmt([r['peak_rss_gb'] for r in rows])} |"
         )
     gap_lines = []
     for setting in dict.fromkeys(r["setting"] for r in results if r["setting"] != "-"):
-        for split in SPLITS:
-            shares = gap_recovered(results, setting, split)
-            if shares:
-                mean, std = mean_std(shares)
-                gap_lines.append(
-                    f"| {setting} | {split} | {mean:+.1f} % | {std:.1f} % | "
-                    + ", ".join(f"{s:+.1f}" for s in shares) + " |"
-                )
+        for modifier in ("sw", "e2e", "saliency", "gptq"):
+            for split in SPLITS:
+                for pair, shares in gap_recovered(results, setting, split, modifier).items():
+                    if shares:
+                        mean, std = mean_std(shares)
+                        gap_lines.append(f"| {setting} | {pair} | {split} | {mean:+.1f} % | {std:.1f} % | "
+                                         + ", ".join(f"{s:+.1f}" for s in shares) + " |")
     if gap_lines:
         lines += [
             "",
-            "Share of the full-precision-to-omniquant (MSE) perplexity gap recovered by adding the SW term, "
-            "(PPL_mse - PPL_sw) / (PPL_mse - PPL_fp), per seed (positive: SW helps):",
+            "Share of the perplexity gap to full precision recovered by adding a modifier, "
+            "(PPL_without - PPL_with) / (PPL_without - PPL_fp), per seed (positive: it helps):",
             "",
-            "| setting | split | mean | std | per seed |",
-            "|---|---|---|---|---|",
+            "| setting | recipe, modifier | split | mean | std | per seed |",
+            "|---|---|---|---|---|---|",
         ] + gap_lines
-    per_seed = [r for r in results if r["method"].startswith("omniquant")]
-    if per_seed:
-        lines += ["", "Per seed:", "", "| setting | method | seed | wiki PPL | sotu PPL | calibration (s) |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['setting']} | {r['method']} | {r['seed']} | {r['wiki']:.2f} | {r['sotu']:.2f} "
-                  f"| {r['calibration_s']:.0f} |" for r in per_seed]
     return "\n".join(lines) + "\n"
 
 
