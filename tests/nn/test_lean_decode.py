@@ -59,6 +59,7 @@ def reference_generate(model, ids, n, head=None, **sampling):
     """transformers' generate, with `head` as the lm_head: the tokens and each step's logits."""
     own = model.lm_head
     model.lm_head = head if head is not None else own
+    model.generation_config.eos_token_id = None  # else generate stops at the config's EOS
     try:
         config = GenerationConfig(max_new_tokens=n, do_sample=bool(sampling), pad_token_id=0, eos_token_id=None,
                                   **sampling)
@@ -181,6 +182,20 @@ def test_q4_lm_head_is_its_round_to_nearest_weight():
         # within half a step per weight of the original
         step = q4.scales.repeat_interleave(32, 1)
         assert ((q4.dense_weight() - head.weight).abs() <= 0.5 * step + 1e-6).all()
+
+
+def test_q4r_lm_head_adds_a_rounded_residual():
+    head = torch.nn.Linear(64, 300)
+    q4r = decoding_lm_head(head, "q4r")
+    first = decoding_lm_head(head, "q4")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(q4r(x), x @ q4r.dense_weight().T + head.bias, rtol=1e-5, atol=1e-5)
+        # the first half is q4 itself; the residual's error is half a step of its own grid
+        assert torch.equal(q4r.stacked.codes()[:300], first.codes())
+        step = q4r.stacked.scales[300:].repeat_interleave(32, 1)
+        assert ((q4r.dense_weight() - head.weight).abs() <= 0.5 * step + 1e-6).all()
+        assert (q4r.dense_weight() - head.weight).abs().max() < (first.dense_weight() - head.weight).abs().max() / 8
 
 
 def test_lm_head_choices_keep_what_they_should_and_refuse_the_rest():
