@@ -87,8 +87,8 @@ def test_generate_interactive_keeps_the_conversation(tiny_checkpoint, tmp_path, 
                                "{% if add_generation_prompt %}assistant:{% endif %}")
     tokenizer.save_pretrained(chat)
     monkeypatch.setattr("sys.stdin", io.StringIO("the river\n\nold city\n/exit\nnever read\n"))
-    code, out, err = run(["generate", str(chat), "--interactive", "-n", "6", "--dtype", "float32", "--lm-head", "model"],
-                         capsys)
+    code, out, err = run(["generate", str(chat), "--interactive", "-n", "6", "--dtype", "float32",
+                          "--lm-head", "model"], capsys)
     assert code == 0, err
 
     model = lowbit.load_quantized(chat)
