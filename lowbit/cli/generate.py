@@ -8,9 +8,11 @@ import time
 
 import torch
 
-from lowbit.cli.common import FORMATTER, add_model_source, dtype_arg, load_any, resolve_device
+from lowbit.cli.common import FORMATTER, add_model_source, dtype_arg, info_line, load_any, resolve_device
 from lowbit.errors import UsageError
 from lowbit.kernels import backends
+from lowbit.nn.decoding import DECODE_PATHS, DEFAULT_LM_HEAD, Decoding
+from lowbit.nn.lm_head import LM_HEAD_CHOICES
 
 SPEED_PROMPT = "The capital of France is"
 
@@ -37,7 +39,19 @@ def add_parser(sub, common) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="with --sample (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="with --sample (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (default: %(default)s)")
+    add_decoding_flags(p)
     p.set_defaults(run=run)
+
+
+def add_decoding_flags(p) -> None:
+    p.add_argument("--decode-path", choices=DECODE_PATHS, default="lean",
+                   help="lean: lowbit's decoding loop (static KV cache, fused q/k/v and gate/up) for Llama-family "
+                        "models, transformers' generate for others; transformers: always transformers' generate "
+                        "(default: %(default)s)")
+    p.add_argument("--lm-head", choices=list(LM_HEAD_CHOICES), default=DEFAULT_LM_HEAD,
+                   help="the output layer to decode with, built at load time (checkpoints are unchanged): "
+                        + "; ".join(f"{k}: {v}" for k, v in LM_HEAD_CHOICES.items())
+                        + " (default: %(default)s; a quantized lm_head is kept as it is)")
 
 
 def check_chat_template(tokenizer) -> None:
@@ -75,18 +89,22 @@ def run(args: argparse.Namespace) -> int:
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         **(dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.sample else {}),
     )
+    decoding = Decoding(model, args.decode_path, args.lm_head)
+    if decoding.fallback_reason:
+        info_line(f"the lean decoding path does not cover this model ({decoding.fallback_reason}); "
+                  "using transformers' generate")
     torch.manual_seed(args.seed)
     if args.interactive:
-        return chat_loop(model, tokenizer, config, device)
+        return chat_loop(decoding, tokenizer, config, device)
     ids = prompt_ids(tokenizer, args.prompt, args.chat).to(device)
     if ids.shape[-1] == 0:
         raise UsageError(f"--prompt {args.prompt!r} gives no tokens; give some text to continue")
     print(args.prompt if not args.chat else "", end="", flush=True)
-    generate(model, tokenizer, ids, config, device)
+    generate(decoding, tokenizer, ids, config, device)
     return 0
 
 
-def chat_loop(model, tokenizer, config, device: str) -> int:
+def chat_loop(decoding: Decoding, tokenizer, config, device: str) -> int:
     """A conversation on stdin and stdout: each line a user message, each answer streamed
     and kept in the history that the next message is answered in."""
     messages: list[dict[str, str]] = []
@@ -101,11 +119,11 @@ def chat_loop(model, tokenizer, config, device: str) -> int:
             continue
         messages.append({"role": "user", "content": line.strip()})
         ids = chat_ids(tokenizer, messages).to(device)
-        reply = generate(model, tokenizer, ids, config, device)
+        reply = generate(decoding, tokenizer, ids, config, device)
         messages.append({"role": "assistant", "content": reply})
 
 
-def generate(model, tokenizer, ids: torch.Tensor, config, device: str) -> str:
+def generate(decoding: Decoding, tokenizer, ids: torch.Tensor, config, device: str) -> str:
     """Streams the continuation of `ids` to stdout and the speed to stderr; returns the new text."""
     from transformers import TextStreamer
 
@@ -123,15 +141,15 @@ def generate(model, tokenizer, ids: torch.Tensor, config, device: str) -> str:
 
     streamer = TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
+    out = decoding.generate(ids, config, streamer)
     end = time.perf_counter()
     n = streamer.new_tokens
     prefill = (streamer.first_token_at or end) - start
     rate = (n - 1) / (end - streamer.first_token_at) if n > 1 and end > streamer.first_token_at else float("nan")
     print(f"[{n} new tokens in {end - start:.2f} s: {rate:.1f} tokens/s decoding, "
           f"{ids.shape[1]}-token prompt and first token in {prefill * 1e3:.0f} ms; "
-          f"{'sampled' if config.do_sample else 'greedy'}, {kernels_on(device)}]", file=sys.stderr)
+          f"{'sampled' if config.do_sample else 'greedy'}, {decoding.describe()}, {kernels_on(device)}]",
+          file=sys.stderr)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -50,7 +50,7 @@ from lowbit.cli.common import (
     ratio_text,
     resolve_device,
 )
-from lowbit.cli.generate import SPEED_PROMPT
+from lowbit.cli.generate import SPEED_PROMPT, add_decoding_flags
 from lowbit.errors import UsageError
 from lowbit.eval import speed
 from lowbit.eval.perplexity import Evaluation, evaluate_tokens
@@ -208,7 +208,8 @@ def measure(model: nn.Module, layers: list[nn.Module], size: int, tokenizer, arg
     if args.bench:
         with activity(f"timing the {label} model (decoding and linear layers)"):
             ids = tokenizer(SPEED_PROMPT, return_tensors="pt").input_ids
-            result.speed = speed.model_speed(model, layers, ids, SPEED_NEW_TOKENS, seconds=1.0)
+            result.speed = speed.model_speed(model, layers, ids, SPEED_NEW_TOKENS, seconds=1.0,
+                                             path=args.decode_path, lm_head=args.lm_head)
     return result
 
 
@@ -401,8 +402,9 @@ def summary_table(fp: Measured, q: Measured, evaluation: Evaluation | None, args
     if fp.speed is not None:
         where = (f"CPU, {backends.describe_cpu_kernels()}" if device == "cpu"
                  else device)
-        notes.append(f"speed on this machine ({where}): decode = greedy generation, batch 1, KV cache, "
-                     f"{SPEED_NEW_TOKENS} new tokens, prefill excluded; linear layers = one pass through "
+        notes.append(f"speed on this machine ({where}): decode = greedy generation as `lowbit generate` "
+                     f"decodes, batch 1, KV cache, {SPEED_NEW_TOKENS} new tokens, prefill excluded (full "
+                     f"precision: {fp.speed.decoding}; lowbit: {q.speed.decoding}); linear layers = one pass through "
                      f"the {fp.speed.linear_layers} quantized layers at one row (M = 1), median.")
     notes = [textwrap.fill(n, 96, initial_indent="  ", subsequent_indent="    ") for n in notes]
     return "\n" + format_table(rows) + "\n\n" + "\n".join(notes)
@@ -515,4 +517,5 @@ examples:
                    help="windows to score, 0 for all (default: %(default)s)")
     g.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
                    help="time decoding and the linear layers before and after (default: on)")
+    add_decoding_flags(g)
     p.set_defaults(run=run)

@@ -9,9 +9,9 @@ the same process:
   last-level cache (`rotate_mb`), so every call reads its weights from memory,
   as in token-by-token generation. (`bench/cpu_linear.py`, `lowbit bench`: lowbit.cli.bench.)
 - `model_speed`: a whole causal LM, e.g. the full-precision model before and the
-  QuantLinear model after quantization: greedy decoding rate (batch 1, KV cache)
-  and the time of one pass through its linear layers at one row. (The summary of
-  `lowbit quantize`.)
+  QuantLinear model after quantization: greedy decoding rate (batch 1, KV cache,
+  decoded as `lowbit generate` decodes: `lowbit.nn.decoding`) and the time of one
+  pass through its linear layers at one row. (The summary of `lowbit quantize`.)
 
 Everything runs under `torch.inference_mode()`, as generation does (it also skips
 the autograd wrapper of the custom op, tens of microseconds per call).
@@ -32,6 +32,7 @@ from torch import nn
 from lowbit import format
 from lowbit.errors import UsageError
 from lowbit.kernels import ops, reference
+from lowbit.nn.decoding import DEFAULT_LM_HEAD, Decoding
 
 # --- timing ------------------------------------------------------------------------------
 
@@ -183,12 +184,14 @@ def format_linear_row(r: LinearRow, markdown: bool = False, extra: Sequence[str]
 
 @dataclass
 class ModelSpeed:
-    """decode_tokens_per_s: greedy decoding, batch 1, KV cache, prefill excluded.
-    linear_seconds: one pass through the measured linear layers, one row each (median)."""
+    """decode_tokens_per_s: greedy decoding, batch 1, KV cache, prefill excluded, by the
+    path `decoding` describes. linear_seconds: one pass through the measured linear
+    layers, one row each (median)."""
 
     decode_tokens_per_s: float
     linear_seconds: float
     linear_layers: int
+    decoding: str
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -239,23 +242,23 @@ class _TokenClock:
 
 
 @torch.inference_mode()
-def decode_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32,
+def decode_tokens_per_second(decoding: Decoding, input_ids: torch.Tensor, new_tokens: int = 32,
                              repeats: int = 3) -> float:
     """Greedy decoding rate of a causal LM, batch 1, with the KV cache: (n - 1) new tokens
     over the time from the first new token to the last (so the prompt's prefill is
-    excluded), for n = `new_tokens` forced tokens (no early stop); median of `repeats` runs
+    excluded), for n = `new_tokens` tokens (no EOS stop); median of `repeats` runs
     after a warm-up."""
     from transformers import GenerationConfig
 
     if new_tokens < 2:
         raise UsageError("lowbit: decoding speed needs at least 2 new tokens")
-    ids = input_ids.reshape(1, -1).to(_device_of(model))
+    ids = input_ids.reshape(1, -1).to(_device_of(decoding.model))
 
     def rate(n: int) -> float:
         config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   pad_token_id=0, eos_token_id=None)
         clock = _TokenClock()
-        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=clock)
+        decoding.generate(ids, config, clock)
         return (len(clock.arrivals) - 1) / (clock.arrivals[-1] - clock.arrivals[0])
 
     rate(2)  # warm-up
@@ -263,8 +266,11 @@ def decode_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, new_toke
 
 
 def model_speed(model: nn.Module, layers: Sequence[nn.Module], input_ids: torch.Tensor,
-                new_tokens: int = 32, seconds: float = 1.0) -> ModelSpeed:
-    """Decoding rate of `model` and the time of one pass through `layers` (its linear
-    layers to compare, e.g. the ones quantization replaces)."""
-    return ModelSpeed(decode_tokens_per_second(model, input_ids, new_tokens),
-                      linear_pass_seconds(layers, seconds), len(layers))
+                new_tokens: int = 32, seconds: float = 1.0, path: str = "lean",
+                lm_head: str = DEFAULT_LM_HEAD) -> ModelSpeed:
+    """Decoding rate of `model` (on `path` with `lm_head`, as `lowbit generate` decodes) and
+    the time of one pass through `layers` (its linear layers to compare, e.g. the ones
+    quantization replaces)."""
+    decoding = Decoding(model, path, lm_head)
+    return ModelSpeed(decode_tokens_per_second(decoding, input_ids, new_tokens),
+                      linear_pass_seconds(layers, seconds), len(layers), decoding.describe())

@@ -128,6 +128,29 @@ class QuantLinear(nn.Module):
         layer.load_state_dict(state)
         return layer
 
+    @classmethod
+    def concat_rows(cls, layers: list[QuantLinear]) -> QuantLinear:
+        """One layer whose outputs are those of `layers`, in order (q, k and v; gate and up):
+        their rows stacked. Exact, since every output row has its own codes, scales and
+        zeros; the layers must share in_features, bits, group size and dtype, and carry no
+        adapter."""
+        if not layers:
+            raise UsageError("lowbit: concat_rows needs at least one layer")
+        first = layers[0]
+        for layer in layers:
+            reason = concat_rows_mismatch(first, layer)
+            if reason:
+                raise UsageError(f"lowbit: cannot stack the rows of these layers: {reason}")
+        biases = [layer.bias for layer in layers]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            biases = [torch.zeros(layer.out_features, dtype=first.scales.dtype, device=first.packed.device)
+                      if b is None else b for layer, b in zip(layers, biases)]
+        bias = None if biases[0] is None else torch.cat(biases)
+        return cls.from_quantized(
+            torch.cat([layer.canonical_packed() for layer in layers]),
+            torch.cat([layer.scales for layer in layers]), torch.cat([layer.zeros for layer in layers]),
+            bias, bits=first.bits, group_size=first.group_size)
+
     # --- kernel-private layouts ----------------------------------------------------------
 
     def prepack(self, layout: str | None) -> QuantLinear:
@@ -264,6 +287,19 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, dtype={self.scales.dtype}"
         )
+
+
+def concat_rows_mismatch(first: QuantLinear, layer: nn.Module) -> str | None:
+    """Why `layer`'s rows cannot be stacked under `first`'s, or None."""
+    if type(layer) is not QuantLinear:
+        return f"{type(layer).__name__} is not a plain QuantLinear"
+    if layer.adapter is not None:
+        return "a layer has a low-rank adapter"
+    mine = (layer.in_features, layer.bits, layer.group_size, layer.scales.dtype, layer.packed.device)
+    theirs = (first.in_features, first.bits, first.group_size, first.scales.dtype, first.packed.device)
+    if mine != theirs:
+        return f"(in_features, bits, group size, dtype, device) {mine} differ from {theirs}"
+    return None
 
 
 class LowRankAdapter(nn.Module):

@@ -4,15 +4,20 @@ import io
 import re
 import shutil
 
+import pytest
 import torch
 from cli_tools import assert_one_line_error, run
+from transformers import GenerationConfig
 
 import lowbit
+from lowbit.nn.decoding import Decoding
 
 
-def test_generate_greedy_prints_the_models_continuation_and_its_speed(tiny_hf, tiny_checkpoint, capsys):
+@pytest.mark.parametrize("path", ["lean", "transformers"])
+def test_generate_greedy_prints_the_models_continuation_and_its_speed(tiny_hf, tiny_checkpoint, capsys, path):
     prompt = "the river of"
-    code, out, err = run(["generate", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "12"], capsys)
+    code, out, err = run(["generate", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "12",
+                          "--decode-path", path, "--lm-head", "model"], capsys)
     assert code == 0, err
     model = lowbit.load_quantized(tiny_checkpoint)
     tokenizer = lowbit.load_tokenizer(tiny_checkpoint)
@@ -24,6 +29,32 @@ def test_generate_greedy_prints_the_models_continuation_and_its_speed(tiny_hf, t
     n = generated.shape[1] - ids.shape[1]
     speed = re.search(rf"\[{n} new tokens in \S+ s: (\S+) tokens/s decoding", err)
     assert speed and float(speed.group(1)) > 0, err
+    expected_path = "lean path (4 fused projections" if path == "lean" else "transformers' generate ("
+    assert expected_path in err, err
+
+
+def test_generate_decodes_with_a_q4r_lm_head_by_default(tiny_checkpoint, capsys):
+    code, out, err = run(["generate", str(tiny_checkpoint), "-p", "the old", "-n", "10"], capsys)
+    assert code == 0, err
+    assert "lean path (4 fused projections, 4+4-bit residual g32 lm_head)" in err, err
+    model = lowbit.load_quantized(tiny_checkpoint)
+    tokenizer = lowbit.load_tokenizer(tiny_checkpoint)
+    ids = tokenizer("the old", return_tensors="pt").input_ids
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.eos_token_id)
+    generated = Decoding(model, "transformers", "q4r").generate(ids, config)
+    assert out == "the old" + tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_generate_falls_back_to_transformers_for_other_architectures(tiny_hf, tmp_path, capsys):
+    from tiny import tiny_opt
+
+    tiny_opt().save_pretrained(tmp_path / "opt")
+    code, out, err = run(["generate", str(tmp_path / "opt"), "--tokenizer", tiny_hf["model"], "-p", "the old",
+                          "-n", "4"], capsys)
+    assert code == 0, err
+    assert "lean decoding path does not cover this model (opt models are not covered" in err, err
+    assert "[4 new tokens" in err and "transformers' generate: opt models" in err, err
 
 
 def test_generate_sampling_is_seeded(tiny_checkpoint, capsys):
@@ -56,7 +87,8 @@ def test_generate_interactive_keeps_the_conversation(tiny_checkpoint, tmp_path, 
                                "{% if add_generation_prompt %}assistant:{% endif %}")
     tokenizer.save_pretrained(chat)
     monkeypatch.setattr("sys.stdin", io.StringIO("the river\n\nold city\n/exit\nnever read\n"))
-    code, out, err = run(["generate", str(chat), "--interactive", "-n", "6", "--dtype", "float32"], capsys)
+    code, out, err = run(["generate", str(chat), "--interactive", "-n", "6", "--dtype", "float32",
+                          "--lm-head", "model"], capsys)
     assert code == 0, err
 
     model = lowbit.load_quantized(chat)

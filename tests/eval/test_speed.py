@@ -2,20 +2,24 @@
 
 import time
 
+import pytest
 import torch
 from tiny import tiny_model
 
 from lowbit.eval import speed
+from lowbit.nn.decoding import Decoding
 
 
-def test_decode_rate_counts_the_time_between_new_tokens():
+@pytest.mark.parametrize("path", ["lean", "transformers"])
+def test_decode_rate_counts_the_time_between_new_tokens(path):
     model = tiny_model()
     delay = 0.02
-    # Every forward pass (the prefill, then one per new token) sleeps `delay`: the rate
-    # cannot exceed 1 / delay, whatever the machine, and must stay positive and finite.
-    model.model.register_forward_pre_hook(lambda module, args: time.sleep(delay))
+    # Every forward pass (the prefill, then one per new token) looks up embeddings, which
+    # sleeps `delay`: the rate cannot exceed 1 / delay, whatever the machine, and must stay
+    # positive and finite.
+    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: time.sleep(delay))
     ids = torch.randint(0, 128, (1, 5))
-    rate = speed.decode_tokens_per_second(model, ids, new_tokens=6, repeats=2)
+    rate = speed.decode_tokens_per_second(Decoding(model, path), ids, new_tokens=6, repeats=2)
     assert 0 < rate <= 1 / delay
 
 
@@ -24,4 +28,5 @@ def test_model_speed_times_the_given_layers():
     layers = [model.model.layers[0].mlp.up_proj, model.model.layers[1].self_attn.q_proj]
     measured = speed.model_speed(model, layers, torch.randint(0, 128, (1, 4)), new_tokens=4, seconds=0.05)
     assert measured.linear_layers == 2
+    assert measured.decoding.startswith("lean path (0 fused projections, 4+4-bit residual g32 lm_head")
     assert 0 < measured.linear_seconds < 1 and 0 < measured.decode_tokens_per_s < float("inf")

@@ -1,0 +1,100 @@
+"""A lighter output layer for decoding: the model's lm_head read as bfloat16 or as 4-bit codes
+(with or without a second 4-bit layer for the first one's rounding error).
+
+A small model's lm_head is much of what a decoded token reads (SmolLM2-135M: 49152 x 576
+fp32, 113 MB, tied to the embedding). These copies are built at load time, for
+generation only; the model's own lm_head, its tie to the embedding (which stays for the
+lookup) and saved checkpoints are left as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import UsageError
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.quant.grid import rtn
+
+# name -> what it is; "model" keeps the model's own layer
+LM_HEAD_CHOICES = {
+    "model": "the model's own lm_head",
+    "bf16": "a bfloat16 copy of the weight",
+    "q4": "4-bit round-to-nearest codes, groups of 32 inputs",
+    "q4r": "q4 plus a second 4-bit layer coding its rounding error (near-lossless, twice q4's bytes)",
+}
+Q4_GROUP_SIZE = 32
+
+
+class BFloat16Linear(nn.Module):
+    """y = x @ W^T (+ bias) with W stored in bfloat16 and the product in bfloat16;
+    y in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+class ResidualQuantLinear(nn.Module):
+    """y = x @ (W1 + W2)^T (+ bias): W1 rounds W to 4 bits, W2 rounds what W1 missed. Both
+    layers' rows are stacked into one QuantLinear, so one kernel call reads both."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        weight = weight.detach().float()
+        layers = []
+        for _ in range(2):
+            layers.append(QuantLinear.from_quantized(*rtn(weight, 4, Q4_GROUP_SIZE, torch.float32),
+                                                     bits=4, group_size=Q4_GROUP_SIZE))
+            weight = weight - layers[-1].dense_weight()
+        self.stacked = QuantLinear.concat_rows(layers)
+        self.out_features = layers[0].out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def dense_weight(self) -> torch.Tensor:
+        """W1 + W2, float32."""
+        w = self.stacked.dense_weight()
+        return w[:self.out_features] + w[self.out_features:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stacked(x)
+        y = y[..., :self.out_features] + y[..., self.out_features:]
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def decoding_lm_head(head: nn.Module, choice: str) -> nn.Module:
+    """The layer to decode with for `choice` (a key of LM_HEAD_CHOICES). A head that is
+    already quantized (a QuantLinear, e.g. from an lm_head override) is kept whatever the choice."""
+    if choice not in LM_HEAD_CHOICES:
+        raise UsageError(f"lowbit: unknown lm_head choice {choice!r}; choose one of {', '.join(LM_HEAD_CHOICES)}")
+    if choice == "model" or isinstance(head, QuantLinear):
+        return head
+    if not isinstance(head, nn.Linear):
+        raise UsageError(f"lowbit: lm_head is a {type(head).__name__}; only an nn.Linear can be copied as {choice}")
+    if choice == "bf16":
+        return BFloat16Linear(head.weight, head.bias)
+    if head.in_features % Q4_GROUP_SIZE:
+        raise UsageError(f"lowbit: lm_head has {head.in_features} inputs, not a multiple of {Q4_GROUP_SIZE}; "
+                         "use another lm_head choice")
+    with torch.no_grad():
+        if choice == "q4r":
+            return ResidualQuantLinear(head.weight, head.bias)
+        return QuantLinear.from_linear(head, bits=4, group_size=Q4_GROUP_SIZE, scale_dtype=torch.float32)
+
+
+def describe_lm_head(head: nn.Module) -> str:
+    """A few words for reports: the head's storage."""
+    if isinstance(head, QuantLinear):
+        return f"{head.bits}-bit g{head.group_size} lm_head"
+    if isinstance(head, ResidualQuantLinear):
+        return "4+4-bit residual g32 lm_head"
+    if isinstance(head, BFloat16Linear):
+        return "bf16 lm_head"
+    weight = getattr(head, "weight", None)
+    dtype = str(weight.dtype).removeprefix("torch.") if weight is not None else type(head).__name__
+    return f"{dtype} lm_head"
