@@ -5,6 +5,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "kernels.h"
 #include "lowbit/cpu.h"
 #include "lowbit/dispatch.h"
@@ -47,6 +52,49 @@ bool cpu_has_vnni() {
 #else
   return false;
 #endif
+}
+
+// The bf16 GEMM's instructions beyond the AVX-512 variant's (avx512_bf16.cpp).
+bool cpu_has_bf16_gemm() {
+#if defined(LOWBIT_HAVE_AVX512)
+  return cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16") &&
+         __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+// Linux hands out the AMX tile state only to processes that ask for it
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); until then the
+// first tile instruction faults. The permission covers every thread of the
+// process, so it is asked once; a refusal (older kernel, seccomp, a
+// hypervisor without AMX state) leaves the vector fallback.
+bool tile_permission_granted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtileData = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+#else
+  return false;
+#endif
+}
+
+bool tiles_usable() {
+#if defined(LOWBIT_HAVE_AVX512)
+  static const bool usable = cpu_has_bf16_gemm() && __builtin_cpu_supports("amx-tile") &&
+                             __builtin_cpu_supports("amx-bf16") && tile_permission_granted();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool>& tiles_enabled_slot() {
+  static std::atomic<bool> slot{[] {
+    const char* v = std::getenv("LOWBIT_CPU_AMX");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }()};
+  return slot;
 }
 
 Isa initial_isa() {
@@ -99,9 +147,20 @@ std::atomic<bool>& exact_mode_slot() {
   return slot;
 }
 
-// The integer path for m rows, or null when the fp32 kernels run.
+enum class Bf16Gemm { kNone, kVector, kTiles };
+
+// The bf16 GEMM for m rows: outside exact mode, under the avx512 variant, on
+// CPUs with AVX-512 BF16; with tiles where AMX is usable and not disabled.
+Bf16Gemm bf16_gemm(int64_t m) {
+  if (m < kBf16MinRows || exact_mode() || active_isa() != Isa::kAvx512 || !cpu_has_bf16_gemm()) {
+    return Bf16Gemm::kNone;
+  }
+  return amx_enabled() && tiles_usable() ? Bf16Gemm::kTiles : Bf16Gemm::kVector;
+}
+
+// The integer path for m rows, or null when the fp32 kernels or the bf16 GEMM run.
 LinearQ8Fn q8_path(int64_t m) {
-  if (m > kQ8MaxRows || exact_mode()) return nullptr;
+  if (m > kQ8MaxRows || exact_mode() || bf16_gemm(m) != Bf16Gemm::kNone) return nullptr;
   return linear_q8_for(active_isa());
 }
 
@@ -152,7 +211,18 @@ bool exact_mode() { return exact_mode_slot().load(); }
 
 void set_exact_mode(bool exact) { exact_mode_slot().store(exact); }
 
+bool amx_enabled() { return tiles_enabled_slot().load(); }
+
+void set_amx_enabled(bool enabled) { tiles_enabled_slot().store(enabled); }
+
+bool amx_usable() { return tiles_usable(); }
+
 const char* linear_kernel(int64_t m) {
+  switch (bf16_gemm(m)) {
+    case Bf16Gemm::kTiles: return "amx-bf16";
+    case Bf16Gemm::kVector: return "avx512-bf16";
+    case Bf16Gemm::kNone: break;
+  }
   if (q8_path(m) != nullptr) return "q8-gemv";
   return m <= kGemvMaxRows ? "gemv" : "gemm";
 }
@@ -227,7 +297,12 @@ void linear(const QuantMatrix& w, const Activations& x, const void* bias, DType 
     y_f32.resize(static_cast<size_t>(x.m * w.n));
     yf = y_f32.data();
   }
-  if (const LinearQ8Fn q8 = q8_path(x.m)) {
+  const Bf16Gemm bf16 = bf16_gemm(x.m);
+  if (bf16 != Bf16Gemm::kNone) {
+#if defined(LOWBIT_HAVE_AVX512)
+    bf16::linear(w, xf, x.m, x_stride, yf, bf16 == Bf16Gemm::kTiles, par);
+#endif
+  } else if (const LinearQ8Fn q8 = q8_path(x.m)) {
     std::vector<int8_t> xq(static_cast<size_t>(x.m * k));
     std::vector<float> xd(static_cast<size_t>(x.m * (k / kActGroup)));
     quantize_rows(xf, x.m, k, x_stride, xq.data(), xd.data());

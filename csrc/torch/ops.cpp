@@ -159,7 +159,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         TORCH_CHECK_VALUE(rows >= 0, "lowbit: the number of rows must be >= 0, got ", rows);
         return std::string(lowbit::cpu::linear_kernel(rows));
       },
-      "The CPU kernel linear runs for `rows` rows of x: 'q8-gemv', 'gemv' or 'gemm'.");
+      "The CPU kernel linear runs for `rows` rows of x: 'amx-bf16', 'avx512-bf16', 'q8-gemv', "
+      "'gemv' or 'gemm'.");
+  m.def("cpu_amx_enabled", [] { return lowbit::cpu::amx_enabled(); },
+        "Whether the bf16 GEMM may use AMX tiles (where the CPU and OS allow them).");
+  m.def("set_cpu_amx_enabled", [](bool enabled) { lowbit::cpu::set_amx_enabled(enabled); },
+        "False: the bf16 GEMM uses AVX-512 BF16 dot products even where AMX is usable.");
+  m.def("cpu_amx_usable", [] { return lowbit::cpu::amx_usable(); },
+        "Whether this CPU and OS let the process use AMX bf16 tiles.");
   m.def(
       "cuda_linear_path",
       [](int64_t rows, at::ScalarType dtype) {

@@ -54,9 +54,42 @@ def use_cpu_isa(name: str) -> Iterator[None]:
 
 def cpu_linear_kernel(rows: int) -> str:
     """The CPU kernel `linear` runs for `rows` rows of x (all leading dimensions
-    flattened): 'q8-gemv' (x quantized to int8 per 32 inputs, integer dot
+    flattened): 'amx-bf16' or 'avx512-bf16' (x and the decoded weight rounded to
+    bf16, fp32 accumulation; 16 rows or more, outside exact mode, on CPUs with
+    AVX-512 BF16), 'q8-gemv' (x quantized to int8 per 32 inputs, integer dot
     products; few rows, outside exact mode), 'gemv' or 'gemm' (fp32 x)."""
     return extension.cpu_linear_kernel(rows)
+
+
+BF16_KERNELS = ("amx-bf16", "avx512-bf16")
+
+
+def cpu_amx() -> bool:
+    """Whether the bf16 kernel uses AMX tiles where this CPU and OS allow them
+    (True unless LOWBIT_CPU_AMX=0 at import, or set_cpu_amx(False))."""
+    return extension.cpu_amx_enabled()
+
+
+def cpu_amx_usable() -> bool:
+    """Whether this CPU has AMX bf16 tiles and Linux lets the process use them."""
+    return extension.cpu_amx_usable()
+
+
+def set_cpu_amx(enabled: bool) -> None:
+    """False: the bf16 kernel multiplies with AVX-512 BF16 dot products even where
+    AMX tiles are usable ('avx512-bf16' instead of 'amx-bf16')."""
+    extension.set_cpu_amx_enabled(bool(enabled))
+
+
+@contextlib.contextmanager
+def use_cpu_amx(enabled: bool = True) -> Iterator[None]:
+    """Runs a block with AMX tiles allowed (or not), then restores the previous choice."""
+    previous = cpu_amx()
+    set_cpu_amx(enabled)
+    try:
+        yield
+    finally:
+        set_cpu_amx(previous)
 
 
 def cpu_exact() -> bool:
@@ -67,18 +100,19 @@ def cpu_exact() -> bool:
 
 def set_cpu_exact(exact: bool) -> None:
     """True: fp32 activations everywhere (results within fp32 rounding of the
-    reference); False (the default): the faster integer path for few rows,
-    whose error bound docs/KERNELS.md gives."""
+    reference); False (the default): the faster integer path for few rows and
+    the bf16 kernel for 16 rows or more, whose error bounds docs/KERNELS.md gives."""
     extension.set_cpu_exact_mode(bool(exact))
 
 
 def describe_cpu_kernels() -> str:
     """One line for reports: the threads, the variant, and the kernels of
     decoding (one row) and of prompts (many rows)."""
-    decode = cpu_linear_kernel(1)
+    decode, prompts = cpu_linear_kernel(1), cpu_linear_kernel(64)
     x = "int8 x" if decode == "q8-gemv" else "fp32 x"
+    prompt_x = "bf16 x" if prompts in BF16_KERNELS else "fp32 x"
     return (f"{torch.get_num_threads()} threads, {cpu_isa()} kernels, {decode} ({x}) at one row, "
-            f"{cpu_linear_kernel(64)} for prompts")
+            f"{prompts} ({prompt_x}) for prompts")
 
 
 @contextlib.contextmanager

@@ -17,22 +17,39 @@ from lowbit.kernels import reference
 ISAS = kernels.supported_cpu_isas()
 BITS = [2, 3, 4]
 MS = [1, 2, 3, 4, 7, 16, 33, 128]
-# Every variant in exact mode, and with the integer path where it has one.
-KERNELS = [(isa, exact) for isa in ISAS for exact in ((True,) if isa == "scalar" else (False, True))]
+# Every variant in exact mode, and with the integer path (and the bf16 kernel)
+# where it has one; the avx512 variant also without AMX where AMX is usable, so
+# that the bf16 kernel's vector fallback runs too.
+KERNELS = [(isa, exact, True) for isa in ISAS for exact in ((True,) if isa == "scalar" else (False, True))]
+if "avx512" in ISAS and kernels.cpu_amx_usable():
+    KERNELS.append(("avx512", False, False))
 
 
-@pytest.fixture(params=KERNELS, ids=lambda c: f"{c[0]}-{'exact' if c[1] else 'q8'}")
+def _kernels_id(case):
+    isa, exact, amx = case
+    return f"{isa}-{'exact' if exact else 'fast'}{'' if amx else '-noamx'}"
+
+
+@pytest.fixture(params=KERNELS, ids=_kernels_id)
 def isa(request):
-    name, exact = request.param
-    with kernels.use_cpu_isa(name), kernels.use_cpu_exact(exact):
+    name, exact, amx = request.param
+    with kernels.use_cpu_isa(name), kernels.use_cpu_exact(exact), kernels.use_cpu_amx(amx):
         yield name
 
 
 def reference_linear(x, *args):
     """The reference for what the active CPU kernels compute: x quantized the
-    integer path's way where that path runs for x's number of rows."""
-    rows = x.numel() // x.shape[-1]
-    return reference.linear(x, *args, quantize_x=kernels.cpu_linear_kernel(rows) == "q8-gemv")
+    integer path's way, or x and W rounded to bf16, where those kernels run for
+    x's number of rows."""
+    kernel = kernels.cpu_linear_kernel(x.numel() // x.shape[-1])
+    return reference.linear(x, *args, quantize_x=kernel == "q8-gemv",
+                            round_to_bf16=kernel in kernels.BF16_KERNELS)
+
+
+def fp32_tolerance(rows):
+    """fp32 rounding; for the bf16 kernel, also its fp32 weight s * q - s * z
+    rounding to the other side of a bf16 tie now and then."""
+    return 1e-4 if kernels.cpu_linear_kernel(rows) in kernels.BF16_KERNELS else 1e-5
 
 
 def random_shape(group_size_kind):
@@ -133,7 +150,7 @@ def test_linear_non_contiguous_and_batched_inputs(isa, bits, layout):
         x = torch.randn(3, 4, 2 * k)[:, :, k:]
     y = kernels.linear(x, packed, scales, zeros, bits, g)
     assert y.shape == (*x.shape[:-1], n)
-    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < 1e-5
+    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < fp32_tolerance(x.numel() // k)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -147,7 +164,7 @@ def test_linear_at_model_shapes(isa, bits, m, shape):
     _, packed, scales, zeros = random_quant_weight(n, k, bits, g, torch.float16)
     x = torch.randn(m, k)
     y = kernels.linear(x, packed, scales, zeros, bits, g)
-    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < 1e-5
+    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < fp32_tolerance(m)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -204,6 +221,66 @@ def test_quantize_activations_rounds_half_to_even():
     assert d.tolist() == [[1.0, 0.0]]
     assert q[0, :4].tolist() == [127, 2, -4, 0]
     assert not q[0, 32:].any()
+
+
+# --- the bf16 kernel -----------------------------------------------------------------------
+
+BF16_MS = [16, 17, 33, 64, 128, 129]
+
+
+def bf16_kernel_available():
+    if "avx512" not in ISAS:
+        return False
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False):
+        return kernels.cpu_linear_kernel(16) in kernels.BF16_KERNELS
+
+
+needs_bf16 = pytest.mark.skipif(not bf16_kernel_available(), reason="needs AVX-512 BF16 (avx512 kernels)")
+BF16_MODES = [True, False] if kernels.cpu_amx_usable() else [False]
+
+
+@needs_bf16
+@pytest.mark.parametrize("amx", BF16_MODES, ids=lambda a: "amx" if a else "avx512")
+@pytest.mark.parametrize("m", BF16_MS)
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_kernel_matches_reference_on_bf16_rounded_inputs(amx, m, bits):
+    """Odd N over several panels of 32 rows, K an odd multiple of 32 at times, every
+    group size, activation rows that leave partial blocks of 16; outputs are
+    poisoned (LOWBIT_POISON_OUTPUTS) so unwritten elements fail."""
+    group_kind = ["g32", "g64", "g128", "per-channel"][int(torch.randint(0, 4, ()))]
+    _, k, g = random_shape(group_kind)
+    n = 2 * int(torch.randint(16, 60, ())) + 1
+    scale_dtype = [torch.float16, torch.bfloat16, torch.float32][int(torch.randint(0, 3, ()))]
+    _, packed, scales, zeros = random_quant_weight(n, k, bits, g, scale_dtype)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False), kernels.use_cpu_amx(amx):
+        assert kernels.cpu_linear_kernel(m) == ("amx-bf16" if amx else "avx512-bf16")
+        y = kernels.linear(x, packed, scales, zeros, bits, g, bias)
+    y_ref = reference.linear(x, packed, scales, zeros, bits, g, bias, round_to_bf16=True)
+    assert rel_err(y, y_ref) < 1e-4, (n, k, g, scale_dtype)
+    # and the rounding is really there: farther from the fp32 result than fp32 rounding
+    y_exact = reference.linear(x, packed, scales, zeros, bits, g, bias)
+    assert 1e-4 < rel_err(y, y_exact) < 2 * 2**-8
+
+
+@needs_bf16
+def test_bf16_kernel_is_not_used_in_exact_mode_or_for_few_rows():
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(True):
+        assert [kernels.cpu_linear_kernel(m) for m in (16, 128, 1000)] == ["gemm"] * 3
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False):
+        assert kernels.cpu_linear_kernel(15) == "q8-gemv"
+        assert kernels.cpu_linear_kernel(4096) in kernels.BF16_KERNELS
+    with kernels.use_cpu_isa("avx512emu"), kernels.use_cpu_exact(False):
+        assert kernels.cpu_linear_kernel(128) == "gemm"
+
+
+@needs_bf16
+def test_amx_can_be_disabled_from_the_environment():
+    code = "import lowbit.ops as o; o.set_cpu_exact(False); print(o.cpu_amx(), o.cpu_linear_kernel(64))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_CPU_AMX": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "avx512-bf16"]
 
 
 def test_exact_mode_from_the_environment():

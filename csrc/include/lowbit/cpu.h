@@ -35,8 +35,20 @@ bool set_active_isa(Isa isa);
 // by LOWBIT_CPU_EXACT=1 at load time or by set_exact_mode.
 bool exact_mode();
 void set_exact_mode(bool exact);
+// From kBf16MinRows (csrc/cpu/kernels.h) rows on, outside exact mode, the
+// avx512 variant multiplies in bf16 where the CPU has AVX-512 BF16: weights
+// decoded to bf16 panels, x rounded to bf16, fp32 accumulation, with AMX
+// tiles where the CPU has them, Linux grants their use and amx_enabled().
+// amx_enabled() is true unless LOWBIT_CPU_AMX=0 at load time or
+// set_amx_enabled(false): for comparisons and for testing the fallback.
+bool amx_enabled();
+void set_amx_enabled(bool enabled);
+// Whether this CPU and OS let this process use AMX bf16 tiles (asks Linux
+// for the permission on first call).
+bool amx_usable();
 // The kernel cpu::linear runs for m activation rows under the active variant
-// and mode: "q8-gemv" (integer), "gemv" or "gemm" (fp32).
+// and mode: "amx-bf16" or "avx512-bf16" (bf16 GEMM), "q8-gemv" (integer),
+// "gemv" or "gemm" (fp32).
 const char* linear_kernel(int64_t m);
 
 // Runs body(begin, end) over disjoint chunks covering [0, n), possibly in
