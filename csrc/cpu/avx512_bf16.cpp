@@ -50,7 +50,11 @@ namespace {
 constexpr int64_t kTileRows = 16;    // rows of every tile; activation rows per block of B
 constexpr int64_t kTileK = 32;       // bf16 values of k per tile row (64 bytes)
 constexpr int64_t kPanelRows = 32;   // weight rows per panel: two A tiles
-constexpr int64_t kCodesPerStep = 64;  // codes decoded per vector step
+// Codes of k per decoded chunk of a panel: 32 rows of 512 codes (32 KB) stay in L1.
+constexpr int64_t kChunkCodes = 512;
+// bf16 values between panel rows: one cache line more than a chunk, so that
+// the 16 rows of an A tile do not all fall into one L1 set.
+constexpr int64_t kPanelStride = kChunkCodes + 32;
 // Activation rows per pass over the weight: their bf16 pairs (k * 256 bytes
 // at 128 rows) stay in L2 while every panel reads them; each pass decodes the
 // weight again.
@@ -87,111 +91,153 @@ inline __mmask16 first_lanes16(int64_t count) { return static_cast<__mmask16>((1
 
 // --- activations ---------------------------------------------------------------------------
 
-// Rows [m0, m0 + blocks * 16) of x as B: bf16 pairs, [block][k / 2][16], zero past m.
-void prepare_x(const float* x, int64_t m, int64_t k, int64_t stride, int64_t blocks,
-               uint32_t* pairs, const Parallel& par) {
+// Rows [0, blocks * 16) of x as B: bf16 pairs, [block][k / 2][16], zero past
+// m. On the calling thread: it is small next to the product, and one parallel
+// region fewer means one wait fewer for a descheduled thread on a busy machine.
+void prepare_x(const float* x, int64_t m, int64_t k, int64_t stride, int64_t blocks, uint32_t* pairs) {
   const int64_t kp = k / 2;
-  for_range(par, blocks * kTileRows, 4, [&](int64_t rb, int64_t re) {
-    for (int64_t row = rb; row < re; ++row) {
-      uint32_t* dst = pairs + (row / kTileRows) * kp * kTileRows + row % kTileRows;
-      if (row >= m) {
-        for (int64_t p = 0; p < kp; ++p) dst[p * kTileRows] = 0;
-        continue;
-      }
-      const float* src = x + row * stride;
-      alignas(64) uint32_t converted[16];
-      for (int64_t i = 0; i < k; i += 32) {  // k is a multiple of 32
-        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
-        _mm512_store_si512(converted, reinterpret_cast<const __m512i&>(v));
-        for (int j = 0; j < 16; ++j) dst[(i / 2 + j) * kTileRows] = converted[j];
-      }
+  for (int64_t row = 0; row < blocks * kTileRows; ++row) {
+    uint32_t* dst = pairs + (row / kTileRows) * kp * kTileRows + row % kTileRows;
+    if (row >= m) {
+      for (int64_t p = 0; p < kp; ++p) dst[p * kTileRows] = 0;
+      continue;
     }
-  });
+    const float* src = x + row * stride;
+    alignas(64) uint32_t converted[16];
+    for (int64_t i = 0; i < k; i += 32) {  // k is a multiple of 32
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+      _mm512_store_si512(converted, reinterpret_cast<const __m512i&>(v));
+      for (int j = 0; j < 16; ++j) dst[(i / 2 + j) * kTileRows] = converted[j];
+    }
+  }
 }
 
 // --- weights -------------------------------------------------------------------------------
 
-// The codes of one step (64 codes, or 32 at the end of a row whose k is an odd
-// multiple of 32), one per byte.
+// Decodes one block of 32 codes (one group) of a row to bf16: the codes go to
+// the 16-bit lanes of a zmm (a broadcast and one multishift pick each lane's
+// field), and one vpermw looks each up in the group's table of the 2^bits
+// weights bf16(s * q - s * z), which is built once per group.
 template <int kBits>
-struct CodeBytes {
-  static constexpr int kLowBits = low_plane_bits(kBits);
-  __m512i low_idx;    // qword lane L holds the source qword of codes 8L .. 8L + 7
-  __m512i low_shift;  // byte b of lane L: the bit offset of code 8L + b in that qword
-  __m512i low_mask;
-
-  CodeBytes() {
-    alignas(64) int64_t idx[8];
+class BlockDecoder {
+ public:
+  BlockDecoder() {
+    alignas(64) int64_t qwords[8];
     alignas(64) uint8_t shift[64];
     for (int lane = 0; lane < 8; ++lane) {
-      idx[lane] = (8 * lane * kLowBits) / 64;
-      for (int b = 0; b < 8; ++b) shift[8 * lane + b] = uint8_t((kLowBits * (8 * lane + b)) % 64);
+      // lane L: codes 4L .. 4L + 3, from the qword that holds them
+      qwords[lane] = (4 * lane * kLowBits) / 64;
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t offset = uint8_t((kLowBits * (4 * lane + j)) % 64);
+        shift[8 * lane + 2 * j] = shift[8 * lane + 2 * j + 1] = offset;
+      }
     }
-    low_idx = _mm512_load_si512(idx);
-    low_shift = _mm512_load_si512(shift);
-    low_mask = _mm512_set1_epi8(static_cast<char>((1 << kLowBits) - 1));
+    qword_idx_ = _mm512_load_si512(qwords);
+    shift_ = _mm512_load_si512(shift);
+    mask_ = _mm512_set1_epi16((1 << kLowBits) - 1);
+    iota_ = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }
 
-  // Codes [c0, c0 + count) of a packed row with k codes, count 32 or 64.
-  __m512i operator()(const uint32_t* row, int64_t k, int64_t c0, int64_t count) const {
-    const int64_t words = count * kLowBits / 32;
-    const __m256i packed = _mm256_maskz_loadu_epi32(static_cast<__mmask8>((1u << words) - 1u),
-                                                    row + c0 * kLowBits / 32);
-    const __m512i spread = _mm512_permutexvar_epi64(low_idx, _mm512_castsi256_si512(packed));
-    __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(low_shift, spread), low_mask);
-    if (kBits == 3) {  // bit 2 of code c is bit c of the 1-bit plane
-      const uint32_t* high = row + high_plane_offset(k) + c0 / 32;
-      uint64_t bits = high[0];
-      if (count == 64) bits |= uint64_t(high[1]) << 32;
-      codes = _mm512_mask_add_epi8(codes, _cvtu64_mask64(bits), codes, _mm512_set1_epi8(4));
+  // bf16(s * q + offset) for q < 2^bits, in the low 16-bit lanes.
+  __m512i table(float s, float offset) const {
+    const __m256bh w = _mm512_cvtneps_pbh(_mm512_fmadd_ps(iota_, _mm512_set1_ps(s), _mm512_set1_ps(offset)));
+    return _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(w));
+  }
+
+  // The 32 weights of codes [c, c + 32) of a packed row with k codes.
+  __m512i weights(const uint32_t* row, int64_t k, int64_t c, __m512i table) const {
+    const uint32_t* low = row + c * kLowBits / 32;
+    __m512i source;
+    if (kLowBits == 2) {
+      uint64_t word;
+      std::memcpy(&word, low, sizeof(word));
+      source = _mm512_set1_epi64(static_cast<long long>(word));
+    } else {
+      source = _mm512_permutexvar_epi64(
+          qword_idx_, _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low))));
     }
-    return codes;
+    __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift_, source), mask_);
+    if (kBits == 3) {  // bit 2 of code c + i is bit i of the 1-bit plane's word
+      const __mmask32 high = row[high_plane_offset(k) + c / 32];
+      codes = _mm512_mask_add_epi16(codes, high, codes, _mm512_set1_epi16(4));
+    }
+    return _mm512_permutexvar_epi16(codes, table);
+  }
+
+ private:
+  static constexpr int kLowBits = low_plane_bits(kBits);
+  __m512i qword_idx_, shift_, mask_;
+  __m512 iota_;
+};
+
+// count values of dtype t from src[i0] on, as fp32, 16 at a time.
+void load_floats(const void* src, DType t, int64_t i0, int64_t count, float* dst) {
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 lanes = first_lanes16(min64(16, count - i));
+    __m512 v;
+    if (t == DType::kF32) {
+      v = _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(src) + i0 + i);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(src) + i0 + i);
+      v = t == DType::kF16 ? _mm512_cvtph_ps(h)
+                           : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    _mm512_mask_storeu_ps(dst + i, lanes, v);
+  }
+}
+
+// The scales s and offsets -s * z of a panel's rows, [kPanelRows][groups]
+// each (rows past the end: zero), and the group of each 32 codes of a row.
+struct PanelScales {
+  int64_t groups;
+  Scratch<float> scales, offsets;
+  Scratch<int32_t> group_of_block;
+
+  explicit PanelScales(const QuantMatrix& w)
+      : groups(w.groups()), scales(kPanelRows * groups), offsets(kPanelRows * groups),
+        group_of_block(w.k / 32) {
+    for (int64_t b = 0; b < w.k / 32; ++b) group_of_block.get()[b] = static_cast<int32_t>(b * 32 / w.group_size);
+  }
+
+  void load(const QuantMatrix& w, int64_t n0) {
+    for (int64_t r = 0; r < kPanelRows; ++r) {
+      float* s = scales.get() + r * groups;
+      float* o = offsets.get() + r * groups;
+      if (n0 + r >= w.n) {
+        std::memset(s, 0, static_cast<size_t>(groups) * sizeof(float));
+        std::memset(o, 0, static_cast<size_t>(groups) * sizeof(float));
+        continue;
+      }
+      load_floats(w.scales, w.scale_dtype, (n0 + r) * groups, groups, s);
+      load_floats(w.zeros, w.scale_dtype, (n0 + r) * groups, groups, o);
+      for (int64_t g = 0; g < groups; ++g) o[g] *= -s[g];
+    }
   }
 };
 
-// Per group of one row: scale s and offset -s * z, as fp32.
-void row_scales(const QuantMatrix& w, int64_t n, float* scales, float* offsets) {
-  const int64_t groups = w.groups();
-  for (int64_t g = 0; g < groups; ++g) {
-    const float s = load_as_float(w.scales, w.scale_dtype, n * groups + g);
-    scales[g] = s;
-    offsets[g] = -s * load_as_float(w.zeros, w.scale_dtype, n * groups + g);
-  }
-}
-
-// 32 codes (bytes 32 * H .. 32 * H + 31 of `codes`, one group) times s plus
-// offset, rounded to bf16 pairs and stored at out.
-template <int H>
-void store_scaled_half(__m512i codes, __m512 s, __m512 offset, uint16_t* out) {
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 2 * H)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 2 * H + 1)));
-  const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, offset), _mm512_fmadd_ps(lo, s, offset));
-  _mm512_storeu_si512(out, reinterpret_cast<const __m512i&>(pairs));
-}
-
-// panel[r][i] = bf16(s * code - s * z) of weight row n0 + r, zero past the last row.
+// panel[r][i - c0] = bf16(s * code - s * z) of code i of weight row n0 + r,
+// for i in [c0, c1) (zero for rows past the end). Rows kPanelStride apart.
 template <int kBits>
-void decode_panel(const QuantMatrix& w, const CodeBytes<kBits>& code_bytes, int64_t n0,
-                  float* scales, float* offsets, uint16_t* panel) {
-  const int64_t k = w.k, g = w.group_size;
+void decode_panel(const QuantMatrix& w, const BlockDecoder<kBits>& decoder, const PanelScales& ps,
+                  int64_t n0, int64_t c0, int64_t c1, uint16_t* panel) {
+  const int32_t* group_of_block = ps.group_of_block.get();
   for (int64_t r = 0; r < kPanelRows; ++r) {
-    uint16_t* out = panel + r * k;
+    uint16_t* out = panel + r * kPanelStride;
     if (n0 + r >= w.n) {
-      std::memset(out, 0, static_cast<size_t>(k) * sizeof(uint16_t));
+      std::memset(out, 0, static_cast<size_t>(c1 - c0) * sizeof(uint16_t));
       continue;
     }
-    row_scales(w, n0 + r, scales, offsets);
+    const float* s = ps.scales.get() + r * ps.groups;
+    const float* o = ps.offsets.get() + r * ps.groups;
     const uint32_t* row = w.packed + (n0 + r) * w.row_words();
-    for (int64_t c0 = 0; c0 < k; c0 += kCodesPerStep) {
-      const int64_t count = min64(kCodesPerStep, k - c0);
-      const __m512i codes = code_bytes(row, k, c0, count);
-      // 32 codes lie in one group: group sizes are multiples of 32.
-      const int64_t g0 = c0 / g;
-      store_scaled_half<0>(codes, _mm512_set1_ps(scales[g0]), _mm512_set1_ps(offsets[g0]), out + c0);
-      if (count == kCodesPerStep) {
-        const int64_t g1 = (c0 + 32) / g;
-        store_scaled_half<1>(codes, _mm512_set1_ps(scales[g1]), _mm512_set1_ps(offsets[g1]), out + c0 + 32);
+    int32_t group = -1;
+    __m512i table = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; c += 32) {
+      if (group_of_block[c / 32] != group) {
+        group = group_of_block[c / 32];
+        table = decoder.table(s[group], o[group]);
       }
+      _mm512_storeu_si512(out + (c - c0), decoder.weights(row, w.k, c, table));
     }
   }
 }
@@ -216,88 +262,156 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 
-// Accumulators of one panel and up to two blocks of activation rows, as
-// c[a][b] = [16 weight rows][16 activation rows], written into y.
-struct PanelOutput {
-  alignas(64) float c[2][2][kTileRows][kTileRows];
+// The accumulators of one panel against every activation block of a pass:
+// tile(b, a) = C of activation block b and weight rows 16a .. 16a + 15, as
+// [16 weight rows][16 activation rows] fp32.
+class PanelAccumulators {
+ public:
+  explicit PanelAccumulators(int64_t blocks) : c_(blocks * 2 * kTileRows * kTileRows) {}
+  float* tile(int64_t block, int a) const { return c_.get() + (block * 2 + a) * kTileRows * kTileRows; }
 
-  void store(const QuantMatrix& w, int64_t n0, int64_t m, int64_t block0, int blocks, float* y) const {
-    for (int a = 0; a < 2; ++a) {
-      for (int b = 0; b < blocks; ++b) {
-        const int64_t m0 = (block0 + b) * kTileRows;
-        for (int64_t j = 0; j < kTileRows && m0 + j < m; ++j) {
-          for (int64_t i = 0; i < kTileRows && n0 + a * kTileRows + i < w.n; ++i) {
-            y[(m0 + j) * w.n + n0 + a * kTileRows + i] = c[a][b][i][j];
+  // Into y (rows m0.., stride w.n), transposed, the valid rows and columns only.
+  void store(const QuantMatrix& w, int64_t n0, int64_t m, int64_t blocks, float* y) const {
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int a = 0; a < 2; ++a) {
+        const float* c = tile(b, a);
+        const int64_t first = n0 + a * kTileRows;
+        for (int64_t j = 0; j < kTileRows && b * kTileRows + j < m; ++j) {
+          for (int64_t i = 0; i < kTileRows && first + i < w.n; ++i) {
+            y[(b * kTileRows + j) * w.n + first + i] = c[i * kTileRows + j];
           }
         }
       }
     }
   }
+
+ private:
+  Scratch<float> c_;
 };
 
-// C += A B over all of k with AMX, for activation blocks block0 and, if
-// kBlocks == 2, block0 + 1.
-template <int kBlocks>
-void tile_product(const uint16_t* panel, int64_t k, const uint32_t* x_pairs, int64_t block0,
-                  PanelOutput& out) {
-  const int64_t a_stride = k * sizeof(uint16_t), b_stride = kTileRows * sizeof(uint32_t);
-  const int64_t block_pairs = k / 2 * kTileRows;
+constexpr int64_t kTileStride = kTileRows * sizeof(float);  // bytes per row of a C tile in memory
+
+// C of activation blocks block0 and block0 + 1 += the panel chunk of `width`
+// codes times x's pairs of that chunk (x_pairs at pair 0 of the chunk, blocks
+// block_pairs apart), with AMX; `first` starts C at zero. Four accumulators
+// hide the latency of tdpbf16ps (several times its issue interval).
+void tile_product_two_blocks(const uint16_t* panel, int64_t width, const uint32_t* x_pairs,
+                             int64_t block_pairs, int64_t block0, bool first, const PanelAccumulators& acc) {
+  constexpr int64_t a_stride = kPanelStride * sizeof(uint16_t), b_stride = kTileRows * sizeof(uint32_t);
   const uint32_t* b0 = x_pairs + block0 * block_pairs;
   const uint32_t* b1 = b0 + block_pairs;
-  _tile_zero(0);
-  _tile_zero(2);
-  if (kBlocks == 2) {
+  if (first) {
+    _tile_zero(0);
     _tile_zero(1);
+    _tile_zero(2);
     _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc.tile(block0, 0), kTileStride);
+    _tile_loadd(1, acc.tile(block0 + 1, 0), kTileStride);
+    _tile_loadd(2, acc.tile(block0, 1), kTileStride);
+    _tile_loadd(3, acc.tile(block0 + 1, 1), kTileStride);
   }
-  for (int64_t k0 = 0; k0 < k; k0 += kTileK) {
+  for (int64_t k0 = 0; k0 < width; k0 += kTileK) {
     const int64_t pair0 = k0 / 2 * kTileRows;
     _tile_loadd(4, panel + k0, a_stride);
-    _tile_loadd(5, panel + kTileRows * k + k0, a_stride);
+    _tile_loadd(5, panel + kTileRows * kPanelStride + k0, a_stride);
+    _tile_loadd(6, b0 + pair0, b_stride);
+    _tile_loadd(7, b1 + pair0, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, acc.tile(block0, 0), kTileStride);
+  _tile_stored(1, acc.tile(block0 + 1, 0), kTileStride);
+  _tile_stored(2, acc.tile(block0, 1), kTileStride);
+  _tile_stored(3, acc.tile(block0 + 1, 1), kTileStride);
+}
+
+// The same for one activation block: even steps of k accumulate in tiles 0
+// and 2, odd ones in 1 and 3 (for latency, as above), added at the end.
+void tile_product_one_block(const uint16_t* panel, int64_t width, const uint32_t* x_pairs,
+                            int64_t block_pairs, int64_t block0, bool first, const PanelAccumulators& acc) {
+  constexpr int64_t a_stride = kPanelStride * sizeof(uint16_t), b_stride = kTileRows * sizeof(uint32_t);
+  const uint32_t* b0 = x_pairs + block0 * block_pairs;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(2);
+  } else {
+    _tile_loadd(0, acc.tile(block0, 0), kTileStride);
+    _tile_loadd(2, acc.tile(block0, 1), kTileStride);
+  }
+  _tile_zero(1);
+  _tile_zero(3);
+  int64_t k0 = 0;
+  for (; k0 + 2 * kTileK <= width; k0 += 2 * kTileK) {
+    const int64_t pair0 = k0 / 2 * kTileRows;
+    _tile_loadd(4, panel + k0, a_stride);
+    _tile_loadd(5, panel + kTileRows * kPanelStride + k0, a_stride);
     _tile_loadd(6, b0 + pair0, b_stride);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(2, 5, 6);
-    if (kBlocks == 2) {
-      _tile_loadd(7, b1 + pair0, b_stride);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    _tile_loadd(4, panel + k0 + kTileK, a_stride);
+    _tile_loadd(5, panel + kTileRows * kPanelStride + k0 + kTileK, a_stride);
+    _tile_loadd(7, b0 + pair0 + kTileK / 2 * kTileRows, b_stride);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
   }
-  const int64_t c_stride = kTileRows * sizeof(float);
-  _tile_stored(0, out.c[0][0], c_stride);
-  _tile_stored(2, out.c[1][0], c_stride);
-  if (kBlocks == 2) {
-    _tile_stored(1, out.c[0][1], c_stride);
-    _tile_stored(3, out.c[1][1], c_stride);
+  if (k0 < width) {
+    const int64_t pair0 = k0 / 2 * kTileRows;
+    _tile_loadd(4, panel + k0, a_stride);
+    _tile_loadd(5, panel + kTileRows * kPanelStride + k0, a_stride);
+    _tile_loadd(6, b0 + pair0, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+  }
+  alignas(64) float odd[2][kTileRows * kTileRows];
+  _tile_stored(0, acc.tile(block0, 0), kTileStride);
+  _tile_stored(2, acc.tile(block0, 1), kTileStride);
+  _tile_stored(1, odd[0], kTileStride);
+  _tile_stored(3, odd[1], kTileStride);
+  for (int a = 0; a < 2; ++a) {
+    float* c = acc.tile(block0, a);
+    for (int64_t i = 0; i < kTileRows * kTileRows; i += 16) {
+      _mm512_store_ps(c + i, _mm512_add_ps(_mm512_load_ps(c + i), _mm512_load_ps(odd[a] + i)));
+    }
   }
 }
 
 // The same product with vdpbf16ps: kRows weight rows times kBlocks
 // activation blocks of accumulators, each pair of k broadcast from the panel.
 template <int kBlocks>
-void vector_product(const uint16_t* panel, int64_t k, const uint32_t* x_pairs, int64_t block0,
-                    PanelOutput& out) {
+void vector_product(const uint16_t* panel, int64_t width, const uint32_t* x_pairs, int64_t block_pairs,
+                    int64_t block0, bool first, const PanelAccumulators& acc) {
   constexpr int kRows = 8;
-  const int64_t kp = k / 2, block_pairs = kp * kTileRows;
   const uint32_t* b0 = x_pairs + block0 * block_pairs;
   for (int64_t r0 = 0; r0 < kPanelRows; r0 += kRows) {
-    const uint32_t* a = reinterpret_cast<const uint32_t*>(panel + r0 * k);
-    __m512 acc[kRows][kBlocks];
-    for (int r = 0; r < kRows; ++r)
-      for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < kp; ++p) {
+    const uint32_t* a = reinterpret_cast<const uint32_t*>(panel + r0 * kPanelStride);
+    __m512 sum[kRows][kBlocks];
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = r0 + r;
+      for (int b = 0; b < kBlocks; ++b) {
+        float* c = acc.tile(block0 + b, static_cast<int>(row / kTileRows)) + row % kTileRows * kTileRows;
+        sum[r][b] = first ? _mm512_setzero_ps() : _mm512_load_ps(c);
+      }
+    }
+    for (int64_t p = 0; p < width / 2; ++p) {
       __m512bh xv[kBlocks];
       for (int b = 0; b < kBlocks; ++b) {
         xv[b] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b0 + b * block_pairs + p * kTileRows));
       }
       for (int r = 0; r < kRows; ++r) {
-        const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * kp + p])));
-        for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wv, xv[b]);
+        const __m512bh wv =
+            reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * kPanelStride / 2 + p])));
+        for (int b = 0; b < kBlocks; ++b) sum[r][b] = _mm512_dpbf16_ps(sum[r][b], wv, xv[b]);
       }
     }
     for (int r = 0; r < kRows; ++r) {
       const int64_t row = r0 + r;
-      for (int b = 0; b < kBlocks; ++b) _mm512_store_ps(out.c[row / kTileRows][b][row % kTileRows], acc[r][b]);
+      for (int b = 0; b < kBlocks; ++b) {
+        _mm512_store_ps(acc.tile(block0 + b, static_cast<int>(row / kTileRows)) + row % kTileRows * kTileRows,
+                        sum[r][b]);
+      }
     }
   }
 }
@@ -322,38 +436,54 @@ class TileScope {
   bool tiles_;
 };
 
+// C += the chunk's product for every activation block, two blocks at a time.
+void chunk_product(const uint16_t* panel, int64_t width, const uint32_t* x_pairs, int64_t block_pairs,
+                   int64_t blocks, bool first, bool tiles, const PanelAccumulators& acc) {
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    if (tiles) {
+      tile_product_two_blocks(panel, width, x_pairs, block_pairs, b, first, acc);
+    } else {
+      vector_product<2>(panel, width, x_pairs, block_pairs, b, first, acc);
+    }
+  }
+  if (b < blocks) {
+    if (tiles) {
+      tile_product_one_block(panel, width, x_pairs, block_pairs, b, first, acc);
+    } else {
+      vector_product<1>(panel, width, x_pairs, block_pairs, b, first, acc);
+    }
+  }
+}
+
 template <int kBits>
 void linear_pass(const QuantMatrix& w, const float* x, int64_t m, int64_t stride, float* y,
                  bool tiles, const Parallel& par) {
-  const int64_t k = w.k, blocks = ceil_div(m, kTileRows);
-  Scratch<uint32_t> x_pairs(blocks * kTileRows * (k / 2));
-  prepare_x(x, m, k, stride, blocks, x_pairs.get(), par);
-  static const CodeBytes<kBits> code_bytes;
-  for_range(par, ceil_div(w.n, kPanelRows), 1, [&](int64_t pb, int64_t pe) {
+  const int64_t k = w.k, blocks = ceil_div(m, kTileRows), block_pairs = k / 2 * kTileRows;
+  Scratch<uint32_t> x_pairs(blocks * block_pairs);
+  prepare_x(x, m, k, stride, blocks, x_pairs.get());
+  static const BlockDecoder<kBits> decoder;
+  // Panels are handed out one at a time from a shared counter rather than in
+  // fixed ranges, so that a thread that gets less of a busy CPU takes fewer of
+  // them; `par` only starts the workers, each of which ignores its range.
+  const int64_t panels = ceil_div(w.n, kPanelRows);
+  int64_t next_panel = 0;
+  for_range(par, panels, 1, [&](int64_t, int64_t) {
     TileScope scope(tiles);
-    Scratch<uint16_t> panel(kPanelRows * k);
-    Scratch<float> scales(w.groups()), offsets(w.groups());
-    Scratch<PanelOutput> out(1);
-    for (int64_t p = pb; p < pe; ++p) {
+    Scratch<uint16_t> panel(kPanelRows * kPanelStride);
+    PanelScales scales(w);
+    PanelAccumulators acc(blocks);
+    for (int64_t p; (p = __atomic_fetch_add(&next_panel, 1, __ATOMIC_RELAXED)) < panels;) {
       const int64_t n0 = p * kPanelRows;
-      decode_panel<kBits>(w, code_bytes, n0, scales.get(), offsets.get(), panel.get());
-      int64_t b = 0;
-      for (; b + 2 <= blocks; b += 2) {
-        if (tiles) {
-          tile_product<2>(panel.get(), k, x_pairs.get(), b, *out.get());
-        } else {
-          vector_product<2>(panel.get(), k, x_pairs.get(), b, *out.get());
-        }
-        out.get()->store(w, n0, m, b, 2, y);
+      scales.load(w, n0);
+      // K in chunks: the decoded chunk stays in L1 while every block reads it.
+      for (int64_t c0 = 0; c0 < k; c0 += kChunkCodes) {
+        const int64_t c1 = min64(k, c0 + kChunkCodes);
+        decode_panel<kBits>(w, decoder, scales, n0, c0, c1, panel.get());
+        chunk_product(panel.get(), c1 - c0, x_pairs.get() + c0 / 2 * kTileRows, block_pairs, blocks,
+                      c0 == 0, tiles, acc);
       }
-      if (b < blocks) {
-        if (tiles) {
-          tile_product<1>(panel.get(), k, x_pairs.get(), b, *out.get());
-        } else {
-          vector_product<1>(panel.get(), k, x_pairs.get(), b, *out.get());
-        }
-        out.get()->store(w, n0, m, b, 1, y);
-      }
+      acc.store(w, n0, m, blocks, y);
     }
   });
 }
