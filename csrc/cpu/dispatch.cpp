@@ -89,13 +89,32 @@ bool tiles_usable() {
 #endif
 }
 
-std::atomic<bool>& tiles_enabled_slot() {
-  static std::atomic<bool> slot{[] {
-    const char* v = std::getenv("LOWBIT_CPU_AMX");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+// The bf16 GEMM modes, by name; the index is the mode's value.
+constexpr const char* kBf16ModeNames[] = {"auto", "avx512", "off"};
+enum class Bf16Mode : int32_t { kAuto = 0, kAvx512 = 1, kOff = 2 };
+
+bool parse_bf16_mode(const char* name, Bf16Mode* out) {
+  for (int32_t i = 0; i < 3; ++i) {
+    if (std::strcmp(name, kBf16ModeNames[i]) == 0) {
+      *out = static_cast<Bf16Mode>(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+std::atomic<int32_t>& bf16_mode_slot() {
+  static std::atomic<int32_t> slot{[] {
+    const char* v = std::getenv("LOWBIT_CPU_BF16");
+    Bf16Mode mode = Bf16Mode::kAuto;
+    // An unknown name keeps the default; the Python layer reports it.
+    if (v != nullptr && *v) parse_bf16_mode(v, &mode);
+    return static_cast<int32_t>(mode);
   }()};
   return slot;
 }
+
+Bf16Mode current_bf16_mode() { return static_cast<Bf16Mode>(bf16_mode_slot().load()); }
 
 Isa initial_isa() {
   const char* forced = std::getenv("LOWBIT_CPU_ISA");
@@ -150,12 +169,20 @@ std::atomic<bool>& exact_mode_slot() {
 enum class Bf16Gemm { kNone, kVector, kTiles };
 
 // The bf16 GEMM for m rows: outside exact mode, under the avx512 variant, on
-// CPUs with AVX-512 BF16; with tiles where AMX is usable and not disabled.
+// CPUs with AVX-512 BF16; with tiles in mode "auto" where AMX is usable, with
+// vdpbf16ps in mode "avx512". Without AMX, "auto" keeps the int8 and fp32
+// paths: on Sapphire Rapids vdpbf16ps is no faster than the fp32 FMAs of the
+// GEMM (docs/KERNELS.md), so the bf16 rounding would buy nothing.
 Bf16Gemm bf16_gemm(int64_t m) {
   if (m < kBf16MinRows || exact_mode() || active_isa() != Isa::kAvx512 || !cpu_has_bf16_gemm()) {
     return Bf16Gemm::kNone;
   }
-  return amx_enabled() && tiles_usable() ? Bf16Gemm::kTiles : Bf16Gemm::kVector;
+  switch (current_bf16_mode()) {
+    case Bf16Mode::kAuto: return tiles_usable() ? Bf16Gemm::kTiles : Bf16Gemm::kNone;
+    case Bf16Mode::kAvx512: return Bf16Gemm::kVector;
+    case Bf16Mode::kOff: break;
+  }
+  return Bf16Gemm::kNone;
 }
 
 // The integer path for m rows, or null when the fp32 kernels or the bf16 GEMM run.
@@ -211,9 +238,14 @@ bool exact_mode() { return exact_mode_slot().load(); }
 
 void set_exact_mode(bool exact) { exact_mode_slot().store(exact); }
 
-bool amx_enabled() { return tiles_enabled_slot().load(); }
+const char* bf16_gemm_mode() { return kBf16ModeNames[bf16_mode_slot().load()]; }
 
-void set_amx_enabled(bool enabled) { tiles_enabled_slot().store(enabled); }
+bool set_bf16_gemm_mode(const char* name) {
+  Bf16Mode mode;
+  if (!parse_bf16_mode(name, &mode)) return false;
+  bf16_mode_slot().store(static_cast<int32_t>(mode));
+  return true;
+}
 
 bool amx_usable() { return tiles_usable(); }
 

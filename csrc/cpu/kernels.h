@@ -21,9 +21,12 @@ namespace cpu {
 constexpr int64_t kGemvMaxRows = 4;
 // Activation rows up to which the integer path is taken (outside exact mode).
 constexpr int64_t kQ8MaxRows = 16;
-// Activation rows from which the bf16 GEMM is taken where the CPU has it
-// (outside exact mode); it replaces the integer path from there on.
-constexpr int64_t kBf16MinRows = 16;
+// Activation rows from which the bf16 GEMM is taken where it is enabled
+// (outside exact mode); it replaces the integer path from there on. Measured
+// on Sapphire Rapids, 4096 x 4096, cold weights: the integer path costs about
+// M times a tenth of the AMX kernel, whose cost is flat up to 16 rows
+// (BENCHMARKS.md).
+constexpr int64_t kBf16MinRows = 10;
 
 // y[m][n] = sum_k x[m][k] * W[n][k] for fp32 activations x (row stride
 // x_stride) into fp32 y (row stride w.n), without bias. Each variant prepares

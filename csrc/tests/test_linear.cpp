@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "check.h"
+#include "../cpu/kernels.h"
 #include "lowbit/cpu.h"
 #include "lowbit/format.h"
 #include "lowbit/q8.h"
@@ -131,35 +132,38 @@ void run_case(const Case& c, std::mt19937& rng) {
         int(c.x_dtype), int(c.scale_dtype), int(c.bias), rel);
 }
 
-// A variant this CPU runs, in exact mode or not, with AMX tiles allowed or not.
+// A variant this CPU runs, in exact mode or not, in a bf16 GEMM mode.
 struct Kernels {
   cpu::Isa isa;
   bool exact;
-  bool amx;
+  const char* bf16;
   void use() const {
     CHECK(cpu::set_active_isa(isa) && cpu::active_isa() == isa);
     cpu::set_exact_mode(exact);
-    cpu::set_amx_enabled(amx);
+    CHECK(cpu::set_bf16_gemm_mode(bf16));
   }
 };
 
-// Outside exact mode the avx512 variant runs with and without AMX where it
-// has AMX, so that the vector fallback of the bf16 GEMM is tested too.
+// Outside exact mode the avx512 variant also runs in bf16 modes "avx512"
+// (vdpbf16ps) and "off", so that every kernel it may take is tested.
 std::vector<Kernels> runnable_kernels() {
   std::vector<Kernels> all;
   for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512,
                        cpu::Isa::kAvx512Emulated}) {
     if (!cpu::isa_supported(isa)) continue;
-    all.push_back({isa, false, true});
-    if (isa == cpu::Isa::kAvx512 && cpu::amx_usable()) all.push_back({isa, false, false});
-    all.push_back({isa, true, true});
+    all.push_back({isa, false, "auto"});
+    if (isa == cpu::Isa::kAvx512) {
+      all.push_back({isa, false, "avx512"});
+      all.push_back({isa, false, "off"});
+    }
+    all.push_back({isa, true, "auto"});
   }
   return all;
 }
 
 void restore_default_kernels() {
   cpu::set_exact_mode(false);
-  cpu::set_amx_enabled(true);
+  cpu::set_bf16_gemm_mode("auto");
   cpu::set_active_isa(cpu::best_supported_isa());
 }
 
@@ -228,7 +232,7 @@ TEST(bf16_gemm_matches_reference_on_bf16_rounded_inputs) {
     kernels.use();
     if (!is_bf16_gemm(cpu::linear_kernel(16))) continue;
     for (int bits : {2, 3, 4}) {
-      for (int64_t m : {16, 17, 33, 64, 128, 129, 300}) {
+      for (int64_t m : {10, 16, 17, 33, 64, 128, 129, 300}) {
         for (int64_t g : {32, 64, 128, 0}) {
           const std::vector<int64_t> ks = in_features_for(g);
           const int64_t k = ks[rng() % ks.size()];
@@ -254,27 +258,32 @@ TEST(integer_path_runs_for_few_rows_outside_exact_mode) {
     }
     const std::string many = cpu::linear_kernel(1000);
     CHECK(many == "gemm" || (!kernels.exact && kernels.isa == cpu::Isa::kAvx512 && is_bf16_gemm(many)),
-          "isa=%s exact=%d kernel=%s", cpu::isa_name(kernels.isa), int(kernels.exact), many.c_str());
+          "isa=%s exact=%d bf16=%s kernel=%s", cpu::isa_name(kernels.isa), int(kernels.exact), kernels.bf16,
+          many.c_str());
   }
   restore_default_kernels();
 }
 
-// Where both bf16 kernels exist, AMX is chosen unless disabled; exact mode
-// and the other variants never take either.
+// Mode "auto" takes AMX where usable and otherwise keeps the int8 and fp32
+// kernels; "avx512" takes vdpbf16ps; "off", exact mode and the other variants
+// never take either; unknown modes are refused.
 TEST(bf16_gemm_selection) {
   for (const Kernels& kernels : runnable_kernels()) {
     kernels.use();
-    const std::string at16 = cpu::linear_kernel(16);
-    if (kernels.exact || kernels.isa != cpu::Isa::kAvx512) {
-      CHECK(!is_bf16_gemm(at16) && !is_bf16_gemm(cpu::linear_kernel(128)), "isa=%s exact=%d",
-            cpu::isa_name(kernels.isa), int(kernels.exact));
-      continue;
+    const std::string first = cpu::linear_kernel(cpu::kBf16MinRows);
+    const bool avx512 = !kernels.exact && kernels.isa == cpu::Isa::kAvx512;
+    const bool has_bf16 = avx512 && std::string(kernels.bf16) == "avx512" && is_bf16_gemm(first);
+    if (!avx512 || std::string(kernels.bf16) == "off") {
+      CHECK(!is_bf16_gemm(first) && !is_bf16_gemm(cpu::linear_kernel(128)), "isa=%s exact=%d bf16=%s",
+            cpu::isa_name(kernels.isa), int(kernels.exact), kernels.bf16);
+    } else if (std::string(kernels.bf16) == "auto") {
+      CHECK(first == (cpu::amx_usable() ? "amx-bf16" : "q8-gemv"), "%s", first.c_str());
+    } else if (has_bf16) {
+      CHECK(first == "avx512-bf16");
     }
-    if (is_bf16_gemm(at16)) {
-      CHECK(at16 == (kernels.amx && cpu::amx_usable() ? "amx-bf16" : "avx512-bf16"), "%s", at16.c_str());
-      CHECK(std::string(cpu::linear_kernel(15)) == "q8-gemv");
-    }
+    if (avx512) CHECK(std::string(cpu::linear_kernel(cpu::kBf16MinRows - 1)) == "q8-gemv");
   }
+  CHECK(!cpu::set_bf16_gemm_mode("amx") && std::string(cpu::bf16_gemm_mode()) == "auto");
   restore_default_kernels();
 }
 

@@ -161,10 +161,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "The CPU kernel linear runs for `rows` rows of x: 'amx-bf16', 'avx512-bf16', 'q8-gemv', "
       "'gemv' or 'gemm'.");
-  m.def("cpu_amx_enabled", [] { return lowbit::cpu::amx_enabled(); },
-        "Whether the bf16 GEMM may use AMX tiles (where the CPU and OS allow them).");
-  m.def("set_cpu_amx_enabled", [](bool enabled) { lowbit::cpu::set_amx_enabled(enabled); },
-        "False: the bf16 GEMM uses AVX-512 BF16 dot products even where AMX is usable.");
+  m.def("cpu_bf16_mode", [] { return std::string(lowbit::cpu::bf16_gemm_mode()); },
+        "The bf16 GEMM's mode: 'auto', 'avx512' or 'off'.");
+  m.def(
+      "set_cpu_bf16_mode",
+      [](const std::string& name) {
+        TORCH_CHECK_VALUE(lowbit::cpu::set_bf16_gemm_mode(name.c_str()), "lowbit: unknown bf16 mode '", name,
+                          "'; expected 'auto', 'avx512' or 'off'");
+      },
+      "'auto': AMX tiles where usable; 'avx512': vdpbf16ps; 'off': never the bf16 GEMM.");
   m.def("cpu_amx_usable", [] { return lowbit::cpu::amx_usable(); },
         "Whether this CPU and OS let the process use AMX bf16 tiles.");
   m.def(

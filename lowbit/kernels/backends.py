@@ -55,41 +55,46 @@ def use_cpu_isa(name: str) -> Iterator[None]:
 def cpu_linear_kernel(rows: int) -> str:
     """The CPU kernel `linear` runs for `rows` rows of x (all leading dimensions
     flattened): 'amx-bf16' or 'avx512-bf16' (x and the decoded weight rounded to
-    bf16, fp32 accumulation; 16 rows or more, outside exact mode, on CPUs with
-    AVX-512 BF16), 'q8-gemv' (x quantized to int8 per 32 inputs, integer dot
-    products; few rows, outside exact mode), 'gemv' or 'gemm' (fp32 x)."""
+    bf16, fp32 accumulation; from 10 rows on, outside exact mode, see cpu_bf16),
+    'q8-gemv' (x quantized to int8 per 32 inputs, integer dot products; few rows,
+    outside exact mode), 'gemv' or 'gemm' (fp32 x)."""
     return extension.cpu_linear_kernel(rows)
 
 
 BF16_KERNELS = ("amx-bf16", "avx512-bf16")
 
 
-def cpu_amx() -> bool:
-    """Whether the bf16 kernel uses AMX tiles where this CPU and OS allow them
-    (True unless LOWBIT_CPU_AMX=0 at import, or set_cpu_amx(False))."""
-    return extension.cpu_amx_enabled()
+BF16_MODES = ("auto", "avx512", "off")
+
+
+def cpu_bf16() -> str:
+    """How the CPU kernels multiply 16 rows or more outside exact mode (see
+    docs/KERNELS.md): 'auto' (the default) in bf16 with AMX tiles where this CPU
+    and OS allow them, else with the int8 and fp32 kernels; 'avx512' in bf16 with
+    AVX-512 BF16 dot products (slower than the others on Sapphire Rapids: for
+    comparisons and tests); 'off' never in bf16. LOWBIT_CPU_BF16 sets it at import."""
+    return extension.cpu_bf16_mode()
+
+
+def set_cpu_bf16(mode: str) -> None:
+    """Sets the mode of cpu_bf16 for the whole process."""
+    extension.set_cpu_bf16_mode(mode)
+
+
+@contextlib.contextmanager
+def use_cpu_bf16(mode: str) -> Iterator[None]:
+    """Runs a block in bf16 mode `mode`, then restores the previous one."""
+    previous = cpu_bf16()
+    set_cpu_bf16(mode)
+    try:
+        yield
+    finally:
+        set_cpu_bf16(previous)
 
 
 def cpu_amx_usable() -> bool:
     """Whether this CPU has AMX bf16 tiles and Linux lets the process use them."""
     return extension.cpu_amx_usable()
-
-
-def set_cpu_amx(enabled: bool) -> None:
-    """False: the bf16 kernel multiplies with AVX-512 BF16 dot products even where
-    AMX tiles are usable ('avx512-bf16' instead of 'amx-bf16')."""
-    extension.set_cpu_amx_enabled(bool(enabled))
-
-
-@contextlib.contextmanager
-def use_cpu_amx(enabled: bool = True) -> Iterator[None]:
-    """Runs a block with AMX tiles allowed (or not), then restores the previous choice."""
-    previous = cpu_amx()
-    set_cpu_amx(enabled)
-    try:
-        yield
-    finally:
-        set_cpu_amx(previous)
 
 
 def cpu_exact() -> bool:
@@ -134,6 +139,9 @@ def check_isa_from_environment() -> None:
             f"LOWBIT_CPU_ISA={forced!r} cannot be used here; this build and CPU support "
             f"{', '.join(supported_cpu_isas())}"
         )
+    bf16 = os.environ.get("LOWBIT_CPU_BF16", "").strip()
+    if bf16 and bf16 not in BF16_MODES:
+        raise UsageError(f"LOWBIT_CPU_BF16={bf16!r} is not one of {', '.join(BF16_MODES)}")
 
 
 # --- CUDA linear kernel ------------------------------------------------------------------

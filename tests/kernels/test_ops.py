@@ -18,22 +18,22 @@ ISAS = kernels.supported_cpu_isas()
 BITS = [2, 3, 4]
 MS = [1, 2, 3, 4, 7, 16, 33, 128]
 # Every variant in exact mode, and with the integer path (and the bf16 kernel)
-# where it has one; the avx512 variant also without AMX where AMX is usable, so
-# that the bf16 kernel's vector fallback runs too.
-KERNELS = [(isa, exact, True) for isa in ISAS for exact in ((True,) if isa == "scalar" else (False, True))]
-if "avx512" in ISAS and kernels.cpu_amx_usable():
-    KERNELS.append(("avx512", False, False))
+# where it has one; the avx512 variant also in bf16 modes 'avx512' (vdpbf16ps)
+# and 'off', so that every kernel it may take runs.
+KERNELS = [(isa, exact, "auto") for isa in ISAS for exact in ((True,) if isa == "scalar" else (False, True))]
+if "avx512" in ISAS:
+    KERNELS += [("avx512", False, "avx512"), ("avx512", False, "off")]
 
 
 def _kernels_id(case):
-    isa, exact, amx = case
-    return f"{isa}-{'exact' if exact else 'fast'}{'' if amx else '-noamx'}"
+    isa, exact, bf16 = case
+    return f"{isa}-{'exact' if exact else 'fast'}{'' if bf16 == 'auto' else '-bf16-' + bf16}"
 
 
 @pytest.fixture(params=KERNELS, ids=_kernels_id)
 def isa(request):
-    name, exact, amx = request.param
-    with kernels.use_cpu_isa(name), kernels.use_cpu_exact(exact), kernels.use_cpu_amx(amx):
+    name, exact, bf16 = request.param
+    with kernels.use_cpu_isa(name), kernels.use_cpu_exact(exact), kernels.use_cpu_bf16(bf16):
         yield name
 
 
@@ -225,28 +225,36 @@ def test_quantize_activations_rounds_half_to_even():
 
 # --- the bf16 kernel -----------------------------------------------------------------------
 
-BF16_MS = [16, 17, 33, 64, 128, 129]
+BF16_MS = [10, 16, 17, 33, 64, 128, 129]
 
 
-def bf16_kernel_available():
+def bf16_kernels():
+    """(mode, kernel name) of each bf16 kernel this machine runs."""
     if "avx512" not in ISAS:
-        return False
+        return []
+    found = []
     with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False):
-        return kernels.cpu_linear_kernel(16) in kernels.BF16_KERNELS
+        for mode in ("auto", "avx512"):
+            with kernels.use_cpu_bf16(mode):
+                name = kernels.cpu_linear_kernel(16)
+            if name in kernels.BF16_KERNELS:
+                found.append((mode, name))
+    return found
 
 
-needs_bf16 = pytest.mark.skipif(not bf16_kernel_available(), reason="needs AVX-512 BF16 (avx512 kernels)")
-BF16_MODES = [True, False] if kernels.cpu_amx_usable() else [False]
+BF16_KERNEL_CASES = bf16_kernels()
+needs_bf16 = pytest.mark.skipif(not BF16_KERNEL_CASES, reason="needs AVX-512 BF16 (avx512 kernels)")
 
 
 @needs_bf16
-@pytest.mark.parametrize("amx", BF16_MODES, ids=lambda a: "amx" if a else "avx512")
+@pytest.mark.parametrize("case", BF16_KERNEL_CASES, ids=lambda c: c[1])
 @pytest.mark.parametrize("m", BF16_MS)
 @pytest.mark.parametrize("bits", BITS)
-def test_bf16_kernel_matches_reference_on_bf16_rounded_inputs(amx, m, bits):
+def test_bf16_kernel_matches_reference_on_bf16_rounded_inputs(case, m, bits):
     """Odd N over several panels of 32 rows, K an odd multiple of 32 at times, every
     group size, activation rows that leave partial blocks of 16; outputs are
     poisoned (LOWBIT_POISON_OUTPUTS) so unwritten elements fail."""
+    mode, name = case
     group_kind = ["g32", "g64", "g128", "per-channel"][int(torch.randint(0, 4, ()))]
     _, k, g = random_shape(group_kind)
     n = 2 * int(torch.randint(16, 60, ())) + 1
@@ -254,8 +262,8 @@ def test_bf16_kernel_matches_reference_on_bf16_rounded_inputs(amx, m, bits):
     _, packed, scales, zeros = random_quant_weight(n, k, bits, g, scale_dtype)
     x = torch.randn(m, k)
     bias = torch.randn(n)
-    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False), kernels.use_cpu_amx(amx):
-        assert kernels.cpu_linear_kernel(m) == ("amx-bf16" if amx else "avx512-bf16")
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False), kernels.use_cpu_bf16(mode):
+        assert kernels.cpu_linear_kernel(m) == name
         y = kernels.linear(x, packed, scales, zeros, bits, g, bias)
     y_ref = reference.linear(x, packed, scales, zeros, bits, g, bias, round_to_bf16=True)
     assert rel_err(y, y_ref) < 1e-4, (n, k, g, scale_dtype)
@@ -265,22 +273,33 @@ def test_bf16_kernel_matches_reference_on_bf16_rounded_inputs(amx, m, bits):
 
 
 @needs_bf16
-def test_bf16_kernel_is_not_used_in_exact_mode_or_for_few_rows():
+def test_bf16_kernel_is_not_used_in_exact_mode_for_few_rows_or_when_off():
     with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(True):
         assert [kernels.cpu_linear_kernel(m) for m in (16, 128, 1000)] == ["gemm"] * 3
     with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False):
-        assert kernels.cpu_linear_kernel(15) == "q8-gemv"
-        assert kernels.cpu_linear_kernel(4096) in kernels.BF16_KERNELS
+        assert kernels.cpu_linear_kernel(9) == "q8-gemv"
+        with kernels.use_cpu_bf16("off"):
+            assert [kernels.cpu_linear_kernel(m) for m in (16, 128)] == ["q8-gemv", "gemm"]
+        with kernels.use_cpu_bf16("avx512"):
+            assert kernels.cpu_linear_kernel(4096) == "avx512-bf16"
     with kernels.use_cpu_isa("avx512emu"), kernels.use_cpu_exact(False):
         assert kernels.cpu_linear_kernel(128) == "gemm"
 
 
-@needs_bf16
-def test_amx_can_be_disabled_from_the_environment():
-    code = "import lowbit.ops as o; o.set_cpu_exact(False); print(o.cpu_amx(), o.cpu_linear_kernel(64))"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_CPU_AMX": "0"},
+def test_auto_bf16_mode_takes_amx_where_usable():
+    if "avx512" not in ISAS:
+        pytest.skip("needs the avx512 kernels")
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False), kernels.use_cpu_bf16("auto"):
+        assert kernels.cpu_linear_kernel(128) == ("amx-bf16" if kernels.cpu_amx_usable() else "gemm")
+
+
+def test_bf16_mode_from_the_environment_and_bad_modes():
+    code = "import lowbit.ops as o; o.set_cpu_exact(False); print(o.cpu_bf16())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_CPU_BF16": "off"},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "avx512-bf16"]
+    assert out == ["off"]
+    with pytest.raises(ValueError, match="unknown bf16 mode"):
+        kernels.set_cpu_bf16("amx")
 
 
 def test_exact_mode_from_the_environment():
