@@ -23,10 +23,10 @@ constexpr int64_t kGemvMaxRows = 4;
 constexpr int64_t kQ8MaxRows = 16;
 // Activation rows from which the bf16 GEMM is taken where it is enabled
 // (outside exact mode); it replaces the integer path from there on. Measured
-// on Sapphire Rapids, 4096 x 4096, cold weights: the integer path costs about
-// M times a tenth of the AMX kernel, whose cost is flat up to 16 rows
-// (BENCHMARKS.md).
-constexpr int64_t kBf16MinRows = 10;
+// on Sapphire Rapids, 4096 x 4096, cold weights: the integer path's cost grows
+// with the rows, the AMX kernel's is flat up to 16; they were even at 10 to
+// 12 rows (BENCHMARKS.md).
+constexpr int64_t kBf16MinRows = 12;
 
 // y[m][n] = sum_k x[m][k] * W[n][k] for fp32 activations x (row stride
 // x_stride) into fp32 y (row stride w.n), without bias. Each variant prepares

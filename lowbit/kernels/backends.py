@@ -55,7 +55,7 @@ def use_cpu_isa(name: str) -> Iterator[None]:
 def cpu_linear_kernel(rows: int) -> str:
     """The CPU kernel `linear` runs for `rows` rows of x (all leading dimensions
     flattened): 'amx-bf16' or 'avx512-bf16' (x and the decoded weight rounded to
-    bf16, fp32 accumulation; from 10 rows on, outside exact mode, see cpu_bf16),
+    bf16, fp32 accumulation; from 12 rows on, outside exact mode, see cpu_bf16),
     'q8-gemv' (x quantized to int8 per 32 inputs, integer dot products; few rows,
     outside exact mode), 'gemv' or 'gemm' (fp32 x)."""
     return extension.cpu_linear_kernel(rows)

@@ -225,7 +225,7 @@ def test_quantize_activations_rounds_half_to_even():
 
 # --- the bf16 kernel -----------------------------------------------------------------------
 
-BF16_MS = [10, 16, 17, 33, 64, 128, 129]
+BF16_MS = [12, 16, 17, 33, 64, 128, 129]
 
 
 def bf16_kernels():
@@ -277,7 +277,7 @@ def test_bf16_kernel_is_not_used_in_exact_mode_for_few_rows_or_when_off():
     with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(True):
         assert [kernels.cpu_linear_kernel(m) for m in (16, 128, 1000)] == ["gemm"] * 3
     with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False):
-        assert kernels.cpu_linear_kernel(9) == "q8-gemv"
+        assert kernels.cpu_linear_kernel(11) == "q8-gemv"
         with kernels.use_cpu_bf16("off"):
             assert [kernels.cpu_linear_kernel(m) for m in (16, 128)] == ["q8-gemv", "gemm"]
         with kernels.use_cpu_bf16("avx512"):
