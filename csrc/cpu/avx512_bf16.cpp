@@ -1,12 +1,14 @@
-// The bf16 GEMM for 16 and more activation rows: weight rows are decoded,
-// kPanelRows at a time, to a bf16 panel (per group: scale * code - scale *
-// zero, rounded to nearest even) that stays in L2, and multiplied with x
-// rounded to bf16, accumulating in fp32, by AMX tiles (tdpbf16ps) or, where
-// AMX is absent or refused, by AVX-512 BF16 dot products (vdpbf16ps).
+// The bf16 GEMM for kBf16MinRows and more activation rows: weight rows are
+// decoded, kPanelRows at a time and kChunkCodes of k at a time, to a bf16
+// panel in L1 (per group: scale * code - scale * zero, rounded to nearest
+// even), and multiplied with x rounded to bf16, accumulating in fp32, by AMX
+// tiles (tdpbf16ps) or, in bf16 mode "avx512", by AVX-512 BF16 dot products
+// (vdpbf16ps); docs/KERNELS.md says when each runs.
 //
 // Operands, in the layouts both instructions take:
-//   A = the panel: [kPanelRows][k] bf16, weight rows in natural order, so that
-//       a tile row is 32 consecutive codes of one weight row (one group).
+//   A = the panel: [kPanelRows][kChunkCodes] bf16 (rows kPanelStride apart),
+//       weight rows in natural order, so that a tile row is 32 consecutive
+//       codes of one weight row (one group).
 //   B = x, once per call, in pairs: [m / 16][k / 2][16][2] bf16: element
 //       (p, j, t) is x[16 * block + j][2p + t], rows past m are zero. A tile
 //       is 16 pairs of k by 16 activation rows; a zmm is one pair for 16 rows.
