@@ -1,6 +1,6 @@
 // The bf16 GEMM for kBf16MinRows and more activation rows: weight rows are
 // decoded, kPanelRows at a time and kChunkCodes of k at a time, to a bf16
-// panel in L1 (per group: scale * code - scale * zero, rounded to nearest
+// panel in L1 (per group: (code - zero) * scale in fp32, rounded to nearest
 // even), and multiplied with x rounded to bf16, accumulating in fp32, by AMX
 // tiles (tdpbf16ps) or, in bf16 mode "avx512", by AVX-512 BF16 dot products
 // (vdpbf16ps); docs/KERNELS.md says when each runs.
@@ -119,7 +119,7 @@ void prepare_x(const float* x, int64_t m, int64_t k, int64_t stride, int64_t blo
 // Decodes one block of 32 codes (one group) of a row to bf16: the codes go to
 // the 16-bit lanes of a zmm (a broadcast and one multishift pick each lane's
 // field), and one vpermw looks each up in the group's table of the 2^bits
-// weights bf16(s * q - s * z), which is built once per group.
+// weights bf16((q - z) * s), which is built once per group.
 template <int kBits>
 class BlockDecoder {
  public:
@@ -140,9 +140,10 @@ class BlockDecoder {
     iota_ = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }
 
-  // bf16(s * q + offset) for q < 2^bits, in the low 16-bit lanes.
-  __m512i table(float s, float offset) const {
-    const __m256bh w = _mm512_cvtneps_pbh(_mm512_fmadd_ps(iota_, _mm512_set1_ps(s), _mm512_set1_ps(offset)));
+  // bf16((q - z) * s) for q < 2^bits, in the low 16-bit lanes: the fp32
+  // weight of cpu::dequantize and of the reference, rounded to nearest even.
+  __m512i table(float s, float z) const {
+    const __m256bh w = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(iota_, _mm512_set1_ps(z)), _mm512_set1_ps(s)));
     return _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(w));
   }
 
@@ -188,15 +189,15 @@ void load_floats(const void* src, DType t, int64_t i0, int64_t count, float* dst
   }
 }
 
-// The scales s and offsets -s * z of a panel's rows, [kPanelRows][groups]
+// The scales s and zeros z of a panel's rows as fp32, [kPanelRows][groups]
 // each (rows past the end: zero), and the group of each 32 codes of a row.
 struct PanelScales {
   int64_t groups;
-  Scratch<float> scales, offsets;
+  Scratch<float> scales, zeros;
   Scratch<int32_t> group_of_block;
 
   explicit PanelScales(const QuantMatrix& w)
-      : groups(w.groups()), scales(kPanelRows * groups), offsets(kPanelRows * groups),
+      : groups(w.groups()), scales(kPanelRows * groups), zeros(kPanelRows * groups),
         group_of_block(w.k / 32) {
     for (int64_t b = 0; b < w.k / 32; ++b) group_of_block.get()[b] = static_cast<int32_t>(b * 32 / w.group_size);
   }
@@ -204,20 +205,19 @@ struct PanelScales {
   void load(const QuantMatrix& w, int64_t n0) {
     for (int64_t r = 0; r < kPanelRows; ++r) {
       float* s = scales.get() + r * groups;
-      float* o = offsets.get() + r * groups;
+      float* z = zeros.get() + r * groups;
       if (n0 + r >= w.n) {
         std::memset(s, 0, static_cast<size_t>(groups) * sizeof(float));
-        std::memset(o, 0, static_cast<size_t>(groups) * sizeof(float));
+        std::memset(z, 0, static_cast<size_t>(groups) * sizeof(float));
         continue;
       }
       load_floats(w.scales, w.scale_dtype, (n0 + r) * groups, groups, s);
-      load_floats(w.zeros, w.scale_dtype, (n0 + r) * groups, groups, o);
-      for (int64_t g = 0; g < groups; ++g) o[g] *= -s[g];
+      load_floats(w.zeros, w.scale_dtype, (n0 + r) * groups, groups, z);
     }
   }
 };
 
-// panel[r][i - c0] = bf16(s * code - s * z) of code i of weight row n0 + r,
+// panel[r][i - c0] = bf16((code - z) * s) of code i of weight row n0 + r,
 // for i in [c0, c1) (zero for rows past the end). Rows kPanelStride apart.
 template <int kBits>
 void decode_panel(const QuantMatrix& w, const BlockDecoder<kBits>& decoder, const PanelScales& ps,
@@ -230,14 +230,14 @@ void decode_panel(const QuantMatrix& w, const BlockDecoder<kBits>& decoder, cons
       continue;
     }
     const float* s = ps.scales.get() + r * ps.groups;
-    const float* o = ps.offsets.get() + r * ps.groups;
+    const float* z = ps.zeros.get() + r * ps.groups;
     const uint32_t* row = w.packed + (n0 + r) * w.row_words();
     int32_t group = -1;
     __m512i table = _mm512_setzero_si512();
     for (int64_t c = c0; c < c1; c += 32) {
       if (group_of_block[c / 32] != group) {
         group = group_of_block[c / 32];
-        table = decoder.table(s[group], o[group]);
+        table = decoder.table(s[group], z[group]);
       }
       _mm512_storeu_si512(out + (c - c0), decoder.weights(row, w.k, c, table));
     }
