@@ -5,6 +5,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "kernels.h"
 #include "lowbit/cpu.h"
 #include "lowbit/dispatch.h"
@@ -48,6 +53,68 @@ bool cpu_has_vnni() {
   return false;
 #endif
 }
+
+// The bf16 GEMM's instructions beyond the AVX-512 variant's (avx512_bf16.cpp).
+bool cpu_has_bf16_gemm() {
+#if defined(LOWBIT_HAVE_AVX512)
+  return cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16") &&
+         __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+// Linux hands out the AMX tile state only to processes that ask for it
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); until then the
+// first tile instruction faults. The permission covers every thread of the
+// process, so it is asked once; a refusal (older kernel, seccomp, a
+// hypervisor without AMX state) leaves the vector fallback.
+bool tile_permission_granted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtileData = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+#else
+  return false;
+#endif
+}
+
+bool tiles_usable() {
+#if defined(LOWBIT_HAVE_AVX512)
+  static const bool usable = cpu_has_bf16_gemm() && __builtin_cpu_supports("amx-tile") &&
+                             __builtin_cpu_supports("amx-bf16") && tile_permission_granted();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+// The bf16 GEMM modes, by name; the index is the mode's value.
+constexpr const char* kBf16ModeNames[] = {"auto", "avx512", "off"};
+enum class Bf16Mode : int32_t { kAuto = 0, kAvx512 = 1, kOff = 2 };
+
+bool parse_bf16_mode(const char* name, Bf16Mode* out) {
+  for (int32_t i = 0; i < 3; ++i) {
+    if (std::strcmp(name, kBf16ModeNames[i]) == 0) {
+      *out = static_cast<Bf16Mode>(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+std::atomic<int32_t>& bf16_mode_slot() {
+  static std::atomic<int32_t> slot{[] {
+    const char* v = std::getenv("LOWBIT_CPU_BF16");
+    Bf16Mode mode = Bf16Mode::kAuto;
+    // An unknown name keeps the default; the Python layer reports it.
+    if (v != nullptr && *v) parse_bf16_mode(v, &mode);
+    return static_cast<int32_t>(mode);
+  }()};
+  return slot;
+}
+
+Bf16Mode current_bf16_mode() { return static_cast<Bf16Mode>(bf16_mode_slot().load()); }
 
 Isa initial_isa() {
   const char* forced = std::getenv("LOWBIT_CPU_ISA");
@@ -99,9 +166,28 @@ std::atomic<bool>& exact_mode_slot() {
   return slot;
 }
 
-// The integer path for m rows, or null when the fp32 kernels run.
+enum class Bf16Gemm { kNone, kVector, kTiles };
+
+// The bf16 GEMM for m rows: outside exact mode, under the avx512 variant, on
+// CPUs with AVX-512 BF16; with tiles in mode "auto" where AMX is usable, with
+// vdpbf16ps in mode "avx512". Without AMX, "auto" keeps the int8 and fp32
+// paths: on Sapphire Rapids vdpbf16ps is no faster than the fp32 FMAs of the
+// GEMM (docs/KERNELS.md), so the bf16 rounding would buy nothing.
+Bf16Gemm bf16_gemm(int64_t m) {
+  if (m < kBf16MinRows || exact_mode() || active_isa() != Isa::kAvx512 || !cpu_has_bf16_gemm()) {
+    return Bf16Gemm::kNone;
+  }
+  switch (current_bf16_mode()) {
+    case Bf16Mode::kAuto: return tiles_usable() ? Bf16Gemm::kTiles : Bf16Gemm::kNone;
+    case Bf16Mode::kAvx512: return Bf16Gemm::kVector;
+    case Bf16Mode::kOff: break;
+  }
+  return Bf16Gemm::kNone;
+}
+
+// The integer path for m rows, or null when the fp32 kernels or the bf16 GEMM run.
 LinearQ8Fn q8_path(int64_t m) {
-  if (m > kQ8MaxRows || exact_mode()) return nullptr;
+  if (m > kQ8MaxRows || exact_mode() || bf16_gemm(m) != Bf16Gemm::kNone) return nullptr;
   return linear_q8_for(active_isa());
 }
 
@@ -152,7 +238,23 @@ bool exact_mode() { return exact_mode_slot().load(); }
 
 void set_exact_mode(bool exact) { exact_mode_slot().store(exact); }
 
+const char* bf16_gemm_mode() { return kBf16ModeNames[bf16_mode_slot().load()]; }
+
+bool set_bf16_gemm_mode(const char* name) {
+  Bf16Mode mode;
+  if (!parse_bf16_mode(name, &mode)) return false;
+  bf16_mode_slot().store(static_cast<int32_t>(mode));
+  return true;
+}
+
+bool amx_usable() { return tiles_usable(); }
+
 const char* linear_kernel(int64_t m) {
+  switch (bf16_gemm(m)) {
+    case Bf16Gemm::kTiles: return "amx-bf16";
+    case Bf16Gemm::kVector: return "avx512-bf16";
+    case Bf16Gemm::kNone: break;
+  }
   if (q8_path(m) != nullptr) return "q8-gemv";
   return m <= kGemvMaxRows ? "gemv" : "gemm";
 }
@@ -227,7 +329,12 @@ void linear(const QuantMatrix& w, const Activations& x, const void* bias, DType 
     y_f32.resize(static_cast<size_t>(x.m * w.n));
     yf = y_f32.data();
   }
-  if (const LinearQ8Fn q8 = q8_path(x.m)) {
+  const Bf16Gemm bf16 = bf16_gemm(x.m);
+  if (bf16 != Bf16Gemm::kNone) {
+#if defined(LOWBIT_HAVE_AVX512)
+    bf16::linear(w, xf, x.m, x_stride, yf, bf16 == Bf16Gemm::kTiles, par);
+#endif
+  } else if (const LinearQ8Fn q8 = q8_path(x.m)) {
     std::vector<int8_t> xq(static_cast<size_t>(x.m * k));
     std::vector<float> xd(static_cast<size_t>(x.m * (k / kActGroup)));
     quantize_rows(xf, x.m, k, x_stride, xq.data(), xd.data());

@@ -21,6 +21,12 @@ namespace cpu {
 constexpr int64_t kGemvMaxRows = 4;
 // Activation rows up to which the integer path is taken (outside exact mode).
 constexpr int64_t kQ8MaxRows = 16;
+// Activation rows from which the bf16 GEMM is taken where it is enabled
+// (outside exact mode); it replaces the integer path from there on. Measured
+// on Sapphire Rapids, 4096 x 4096, cold weights: the integer path's cost grows
+// with the rows, the AMX kernel's is flat up to 16; they were even at 10 to
+// 12 rows (BENCHMARKS.md).
+constexpr int64_t kBf16MinRows = 12;
 
 // y[m][n] = sum_k x[m][k] * W[n][k] for fp32 activations x (row stride
 // x_stride) into fp32 y (row stride w.n), without bias. Each variant prepares
@@ -68,6 +74,13 @@ void linear(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride, f
 namespace avx512vnni {
 void linear_q8(const QuantMatrix& w, const Q8Rows& x, float* y, const Parallel& par);
 }  // namespace avx512vnni
+// The bf16 GEMM (avx512_bf16.cpp): weights decoded to bf16 panels, x rounded
+// to bf16, fp32 accumulation; with AMX tiles (`tiles`: only once Linux granted
+// the tile permission) or AVX-512 BF16 dot products. Needs AVX-512 VBMI and BF16.
+namespace bf16 {
+void linear(const QuantMatrix& w, const float* x, int64_t m, int64_t x_stride, float* y, bool tiles,
+            const Parallel& par);
+}  // namespace bf16
 #endif
 
 }  // namespace cpu

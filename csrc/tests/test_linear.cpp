@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "check.h"
+#include "../cpu/kernels.h"
 #include "lowbit/cpu.h"
 #include "lowbit/format.h"
 #include "lowbit/q8.h"
@@ -67,7 +68,15 @@ std::vector<double> q8_values(const std::vector<double>& x, int64_t m, int64_t k
   return out;
 }
 
-double tolerance(DType out) { return out == DType::kF32 ? 1e-5 : 1e-2; }
+double to_bf16(double v) { return bf16_to_float(float_to_bf16(float(v))); }
+
+bool is_bf16_gemm(const std::string& kernel) { return kernel == "amx-bf16" || kernel == "avx512-bf16"; }
+
+// fp32 rounding of the sums; the bf16 GEMM's tiles sum in another order.
+double tolerance(DType out, bool bf16) {
+  if (out != DType::kF32) return 1e-2;
+  return bf16 ? 1e-4 : 1e-5;
+}
 
 void run_case(const Case& c, std::mt19937& rng) {
   std::uniform_real_distribution<float> uni(0.0f, 1.0f);
@@ -89,9 +98,14 @@ void run_case(const Case& c, std::mt19937& rng) {
 
   const cpu::QuantMatrix w{packed.data(), scales.bytes.data(), zeros.bytes.data(), c.scale_dtype,
                            c.n, c.k, c.bits, c.g};
-  // The integer path multiplies x as its 8-bit quantization: so does the reference.
-  const bool q8 = std::string(cpu::linear_kernel(c.m)) == "q8-gemv";
-  if (q8) x.values = q8_values(x.values, c.m, c.k, c.x_stride);
+  // The integer path multiplies x as its 8-bit quantization, the bf16 GEMM x
+  // and W rounded to bf16: so does the reference.
+  const std::string kernel = cpu::linear_kernel(c.m);
+  const bool bf16 = is_bf16_gemm(kernel);
+  if (kernel == "q8-gemv") x.values = q8_values(x.values, c.m, c.k, c.x_stride);
+  if (bf16) {
+    for (double& v : x.values) v = to_bf16(v);
+  }
   cpu::linear(w, cpu::Activations{x.bytes.data(), c.x_dtype, c.m, c.x_stride},
               c.bias ? bias.bytes.data() : nullptr, c.scale_dtype, y.bytes.data(), c.x_dtype,
               ReverseChunks());
@@ -102,8 +116,10 @@ void run_case(const Case& c, std::mt19937& rng) {
       double ref = c.bias ? bias.values[ni] : 0.0;
       for (int64_t ki = 0; ki < c.k; ++ki) {
         const int64_t gi = ni * groups + ki / c.g;
-        ref += x.values[mi * c.x_stride + ki] * scales.values[gi] *
-               (codes[ni * c.k + ki] - zeros.values[gi]);
+        double wv = scales.values[gi] * (codes[ni * c.k + ki] - zeros.values[gi]);
+        // the bf16 GEMM rounds the fp32 weight (q - z) * s, as cpu::dequantize computes it
+        if (bf16) wv = to_bf16((float(codes[ni * c.k + ki]) - float(zeros.values[gi])) * float(scales.values[gi]));
+        ref += x.values[mi * c.x_stride + ki] * wv;
       }
       const double d = y.get(mi * c.n + ni) - ref;
       err += std::isnan(d) ? std::numeric_limits<double>::infinity() : d * d;
@@ -111,34 +127,43 @@ void run_case(const Case& c, std::mt19937& rng) {
     }
   }
   const double rel = std::sqrt(err / ref_norm);
-  CHECK(rel < tolerance(c.x_dtype), "isa=%s kernel=%s m=%ld n=%ld k=%ld g=%ld bits=%d x=%d s=%d bias=%d rel=%g",
+  CHECK(rel < tolerance(c.x_dtype, bf16), "isa=%s kernel=%s m=%ld n=%ld k=%ld g=%ld bits=%d x=%d s=%d bias=%d rel=%g",
         cpu::isa_name(cpu::active_isa()), cpu::linear_kernel(c.m), long(c.m), long(c.n), long(c.k), long(c.g), c.bits,
         int(c.x_dtype), int(c.scale_dtype), int(c.bias), rel);
 }
 
-// A variant this CPU runs, in exact mode or with the integer path.
+// A variant this CPU runs, in exact mode or not, in a bf16 GEMM mode.
 struct Kernels {
   cpu::Isa isa;
   bool exact;
+  const char* bf16;
   void use() const {
     CHECK(cpu::set_active_isa(isa) && cpu::active_isa() == isa);
     cpu::set_exact_mode(exact);
+    CHECK(cpu::set_bf16_gemm_mode(bf16));
   }
 };
 
+// Outside exact mode the avx512 variant also runs in bf16 modes "avx512"
+// (vdpbf16ps) and "off", so that every kernel it may take is tested.
 std::vector<Kernels> runnable_kernels() {
   std::vector<Kernels> all;
   for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512,
                        cpu::Isa::kAvx512Emulated}) {
     if (!cpu::isa_supported(isa)) continue;
-    all.push_back({isa, false});
-    all.push_back({isa, true});
+    all.push_back({isa, false, "auto"});
+    if (isa == cpu::Isa::kAvx512) {
+      all.push_back({isa, false, "avx512"});
+      all.push_back({isa, false, "off"});
+    }
+    all.push_back({isa, true, "auto"});
   }
   return all;
 }
 
 void restore_default_kernels() {
   cpu::set_exact_mode(false);
+  cpu::set_bf16_gemm_mode("auto");
   cpu::set_active_isa(cpu::best_supported_isa());
 }
 
@@ -164,7 +189,7 @@ TEST(linear_matches_reference_for_every_variant) {
   for (const Kernels& kernels : runnable_kernels()) {
     kernels.use();
     for (int bits : {2, 3, 4}) {
-      for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 16, 33, 128}) {
+      for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 16, 17, 33, 128, 129}) {
         for (int64_t g : {32, 64, 128, 0}) {
           const std::vector<int64_t> ks = in_features_for(g);
           const int64_t k = ks[rng() % ks.size()];
@@ -197,6 +222,32 @@ TEST(linear_matches_reference_at_model_shapes) {
   restore_default_kernels();
 }
 
+// The bf16 GEMM where it runs: every width and group size, partial panels
+// (odd out-features over several panels), partial blocks of activation rows,
+// more rows than one pass, and in-features that are odd multiples of 32.
+TEST(bf16_gemm_matches_reference_on_bf16_rounded_inputs) {
+  std::mt19937 rng(16);
+  int count = 0;
+  for (const Kernels& kernels : runnable_kernels()) {
+    kernels.use();
+    if (!is_bf16_gemm(cpu::linear_kernel(16))) continue;
+    for (int bits : {2, 3, 4}) {
+      for (int64_t m : {12, 16, 17, 33, 64, 128, 129, 300}) {
+        for (int64_t g : {32, 64, 128, 0}) {
+          const std::vector<int64_t> ks = in_features_for(g);
+          const int64_t k = ks[rng() % ks.size()];
+          const int64_t n = m > 129 ? 33 : int64_t(2 * (rng() % 40) + 1);
+          run_case(Case{m, n, k, g == 0 ? k : g, bits, DType::kF32, DType::kF16, count % 2 == 0,
+                        count % 3 == 0 ? k + 8 : k},
+                   rng);
+          ++count;
+        }
+      }
+    }
+  }
+  restore_default_kernels();
+}
+
 TEST(integer_path_runs_for_few_rows_outside_exact_mode) {
   for (const Kernels& kernels : runnable_kernels()) {
     kernels.use();
@@ -205,8 +256,34 @@ TEST(integer_path_runs_for_few_rows_outside_exact_mode) {
       CHECK(std::string(cpu::linear_kernel(m)) == (q8 ? "q8-gemv" : "gemv"), "isa=%s exact=%d m=%ld",
             cpu::isa_name(kernels.isa), int(kernels.exact), long(m));
     }
-    CHECK(std::string(cpu::linear_kernel(1000)) == "gemm");
+    const std::string many = cpu::linear_kernel(1000);
+    CHECK(many == "gemm" || (!kernels.exact && kernels.isa == cpu::Isa::kAvx512 && is_bf16_gemm(many)),
+          "isa=%s exact=%d bf16=%s kernel=%s", cpu::isa_name(kernels.isa), int(kernels.exact), kernels.bf16,
+          many.c_str());
   }
+  restore_default_kernels();
+}
+
+// Mode "auto" takes AMX where usable and otherwise keeps the int8 and fp32
+// kernels; "avx512" takes vdpbf16ps; "off", exact mode and the other variants
+// never take either; unknown modes are refused.
+TEST(bf16_gemm_selection) {
+  for (const Kernels& kernels : runnable_kernels()) {
+    kernels.use();
+    const std::string first = cpu::linear_kernel(cpu::kBf16MinRows);
+    const bool avx512 = !kernels.exact && kernels.isa == cpu::Isa::kAvx512;
+    const bool has_bf16 = avx512 && std::string(kernels.bf16) == "avx512" && is_bf16_gemm(first);
+    if (!avx512 || std::string(kernels.bf16) == "off") {
+      CHECK(!is_bf16_gemm(first) && !is_bf16_gemm(cpu::linear_kernel(128)), "isa=%s exact=%d bf16=%s",
+            cpu::isa_name(kernels.isa), int(kernels.exact), kernels.bf16);
+    } else if (std::string(kernels.bf16) == "auto") {
+      CHECK(first == (cpu::amx_usable() ? "amx-bf16" : "q8-gemv"), "%s", first.c_str());
+    } else if (has_bf16) {
+      CHECK(first == "avx512-bf16");
+    }
+    if (avx512) CHECK(std::string(cpu::linear_kernel(cpu::kBf16MinRows - 1)) == "q8-gemv");
+  }
+  CHECK(!cpu::set_bf16_gemm_mode("amx") && std::string(cpu::bf16_gemm_mode()) == "auto");
   restore_default_kernels();
 }
 

@@ -159,7 +159,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         TORCH_CHECK_VALUE(rows >= 0, "lowbit: the number of rows must be >= 0, got ", rows);
         return std::string(lowbit::cpu::linear_kernel(rows));
       },
-      "The CPU kernel linear runs for `rows` rows of x: 'q8-gemv', 'gemv' or 'gemm'.");
+      "The CPU kernel linear runs for `rows` rows of x: 'amx-bf16', 'avx512-bf16', 'q8-gemv', "
+      "'gemv' or 'gemm'.");
+  m.def("cpu_bf16_mode", [] { return std::string(lowbit::cpu::bf16_gemm_mode()); },
+        "The bf16 GEMM's mode: 'auto', 'avx512' or 'off'.");
+  m.def(
+      "set_cpu_bf16_mode",
+      [](const std::string& name) {
+        TORCH_CHECK_VALUE(lowbit::cpu::set_bf16_gemm_mode(name.c_str()), "lowbit: unknown bf16 mode '", name,
+                          "'; expected 'auto', 'avx512' or 'off'");
+      },
+      "'auto': AMX tiles where usable; 'avx512': vdpbf16ps; 'off': never the bf16 GEMM.");
+  m.def("cpu_amx_usable", [] { return lowbit::cpu::amx_usable(); },
+        "Whether this CPU and OS let the process use AMX bf16 tiles.");
   m.def(
       "cuda_linear_path",
       [](int64_t rows, at::ScalarType dtype) {

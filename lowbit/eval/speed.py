@@ -31,7 +31,7 @@ from torch import nn
 
 from lowbit import format
 from lowbit.errors import UsageError
-from lowbit.kernels import ops, reference
+from lowbit.kernels import backends, ops, reference
 from lowbit.nn.decoding import DEFAULT_LM_HEAD, Decoding
 
 # --- timing ------------------------------------------------------------------------------
@@ -100,6 +100,7 @@ class LinearRow:
     fp32: float
     bf16: float
     gbps: float  # weight bytes lowbit reads (codes, scales, zeros) per second, in GB/s
+    kernel: str = ""  # the CPU kernel that ran (lowbit.ops.cpu_linear_kernel)
 
 
 def linear_table(
@@ -146,14 +147,14 @@ def linear_table(
                 for b in bits:
                     t, gbps = quant[m, b]
                     rows.append(LinearRow(f"{n}x{k}", m, b, t, dense[torch.float32][m],
-                                          dense[torch.bfloat16][m], gbps))
+                                          dense[torch.bfloat16][m], gbps, backends.cpu_linear_kernel(m)))
                     if on_row is not None:
                         on_row(rows[-1])
     return rows
 
 
-LINEAR_HEADER = ("shape", "M", "bits", "lowbit ms", "fp32 ms", "bf16 ms", "vs fp32", "vs bf16", "GB/s")
-_WIDTHS = (11, 4, 4, 10, 10, 10, 8, 8, 6)
+LINEAR_HEADER = ("shape", "M", "bits", "kernel", "lowbit ms", "fp32 ms", "bf16 ms", "vs fp32", "vs bf16", "GB/s")
+_WIDTHS = (11, 4, 4, 11, 10, 10, 10, 8, 8, 6)
 EXTRA_WIDTH = 11  # the text width of each extra column (see format_linear_header)
 
 
@@ -174,7 +175,7 @@ def format_linear_header(markdown: bool = False, extra: Sequence[str] = ()) -> s
 
 
 def format_linear_row(r: LinearRow, markdown: bool = False, extra: Sequence[str] = ()) -> str:
-    cells = (r.shape, r.m, r.bits, f"{r.lowbit * 1e3:.3f}", f"{r.fp32 * 1e3:.3f}", f"{r.bf16 * 1e3:.3f}",
+    cells = (r.shape, r.m, r.bits, r.kernel, f"{r.lowbit * 1e3:.3f}", f"{r.fp32 * 1e3:.3f}", f"{r.bf16 * 1e3:.3f}",
              f"{r.fp32 / r.lowbit:.2f}x", f"{r.bf16 / r.lowbit:.2f}x", f"{r.gbps:.1f}", *extra)
     return _format_cells(cells, markdown)
 

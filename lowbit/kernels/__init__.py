@@ -6,15 +6,21 @@ their pure-torch reference, and the choice of kernel variant.
 """
 
 from lowbit.kernels.backends import (
+    BF16_KERNELS,
+    BF16_MODES,
     CUDA_LINEAR_PATHS,
+    cpu_amx_usable,
+    cpu_bf16,
     cpu_exact,
     cpu_isa,
     cpu_linear_kernel,
     cuda_linear_path,
+    set_cpu_bf16,
     set_cpu_exact,
     set_cpu_isa,
     set_cuda_linear_path,
     supported_cpu_isas,
+    use_cpu_bf16,
     use_cpu_exact,
     use_cpu_isa,
     use_cuda_linear_path,
@@ -22,7 +28,11 @@ from lowbit.kernels.backends import (
 from lowbit.kernels.ops import dequantize, in_features_of, linear, pack, unpack
 
 __all__ = [
+    "BF16_KERNELS",
+    "BF16_MODES",
     "CUDA_LINEAR_PATHS",
+    "cpu_amx_usable",
+    "cpu_bf16",
     "cpu_exact",
     "cpu_isa",
     "cpu_linear_kernel",
@@ -31,11 +41,13 @@ __all__ = [
     "in_features_of",
     "linear",
     "pack",
+    "set_cpu_bf16",
     "set_cpu_exact",
     "set_cpu_isa",
     "set_cuda_linear_path",
     "supported_cpu_isas",
     "unpack",
+    "use_cpu_bf16",
     "use_cpu_exact",
     "use_cpu_isa",
     "use_cuda_linear_path",

@@ -54,9 +54,47 @@ def use_cpu_isa(name: str) -> Iterator[None]:
 
 def cpu_linear_kernel(rows: int) -> str:
     """The CPU kernel `linear` runs for `rows` rows of x (all leading dimensions
-    flattened): 'q8-gemv' (x quantized to int8 per 32 inputs, integer dot
-    products; few rows, outside exact mode), 'gemv' or 'gemm' (fp32 x)."""
+    flattened): 'amx-bf16' or 'avx512-bf16' (x and the decoded weight rounded to
+    bf16, fp32 accumulation; from 12 rows on, outside exact mode, see cpu_bf16),
+    'q8-gemv' (x quantized to int8 per 32 inputs, integer dot products; few rows,
+    outside exact mode), 'gemv' or 'gemm' (fp32 x)."""
     return extension.cpu_linear_kernel(rows)
+
+
+BF16_KERNELS = ("amx-bf16", "avx512-bf16")
+
+
+BF16_MODES = ("auto", "avx512", "off")
+
+
+def cpu_bf16() -> str:
+    """How the CPU kernels multiply 16 rows or more outside exact mode (see
+    docs/KERNELS.md): 'auto' (the default) in bf16 with AMX tiles where this CPU
+    and OS allow them, else with the int8 and fp32 kernels; 'avx512' in bf16 with
+    AVX-512 BF16 dot products (slower than the others on Sapphire Rapids: for
+    comparisons and tests); 'off' never in bf16. LOWBIT_CPU_BF16 sets it at import."""
+    return extension.cpu_bf16_mode()
+
+
+def set_cpu_bf16(mode: str) -> None:
+    """Sets the mode of cpu_bf16 for the whole process."""
+    extension.set_cpu_bf16_mode(mode)
+
+
+@contextlib.contextmanager
+def use_cpu_bf16(mode: str) -> Iterator[None]:
+    """Runs a block in bf16 mode `mode`, then restores the previous one."""
+    previous = cpu_bf16()
+    set_cpu_bf16(mode)
+    try:
+        yield
+    finally:
+        set_cpu_bf16(previous)
+
+
+def cpu_amx_usable() -> bool:
+    """Whether this CPU has AMX bf16 tiles and Linux lets the process use them."""
+    return extension.cpu_amx_usable()
 
 
 def cpu_exact() -> bool:
@@ -67,18 +105,19 @@ def cpu_exact() -> bool:
 
 def set_cpu_exact(exact: bool) -> None:
     """True: fp32 activations everywhere (results within fp32 rounding of the
-    reference); False (the default): the faster integer path for few rows,
-    whose error bound docs/KERNELS.md gives."""
+    reference); False (the default): the faster integer path for few rows and
+    the bf16 kernel for 16 rows or more, whose error bounds docs/KERNELS.md gives."""
     extension.set_cpu_exact_mode(bool(exact))
 
 
 def describe_cpu_kernels() -> str:
     """One line for reports: the threads, the variant, and the kernels of
     decoding (one row) and of prompts (many rows)."""
-    decode = cpu_linear_kernel(1)
+    decode, prompts = cpu_linear_kernel(1), cpu_linear_kernel(64)
     x = "int8 x" if decode == "q8-gemv" else "fp32 x"
+    prompt_x = "bf16 x" if prompts in BF16_KERNELS else "fp32 x"
     return (f"{torch.get_num_threads()} threads, {cpu_isa()} kernels, {decode} ({x}) at one row, "
-            f"{cpu_linear_kernel(64)} for prompts")
+            f"{prompts} ({prompt_x}) for prompts")
 
 
 @contextlib.contextmanager
@@ -100,6 +139,9 @@ def check_isa_from_environment() -> None:
             f"LOWBIT_CPU_ISA={forced!r} cannot be used here; this build and CPU support "
             f"{', '.join(supported_cpu_isas())}"
         )
+    bf16 = os.environ.get("LOWBIT_CPU_BF16", "").strip()
+    if bf16 and bf16 not in BF16_MODES:
+        raise UsageError(f"LOWBIT_CPU_BF16={bf16!r} is not one of {', '.join(BF16_MODES)}")
 
 
 # --- CUDA linear kernel ------------------------------------------------------------------

@@ -94,11 +94,17 @@ def linear(
     group_size: int,
     bias: torch.Tensor | None = None,
     quantize_x: bool = False,
+    round_to_bf16: bool = False,
 ) -> torch.Tensor:
     """y = x @ W^T + bias, computed in fp32 from the fp32 dequantized weight;
-    with quantize_x, from x as the CPU integer path sees it (quantize_activations)."""
+    with quantize_x, from x as the CPU integer path sees it (quantize_activations);
+    with round_to_bf16, from x and that weight rounded to bf16 (to nearest even),
+    as the CPU bf16 kernels see them."""
     xf = dequantize_activations(*quantize_activations(x)) if quantize_x else x.float()
-    y = xf @ _weight_f32(packed, scales, zeros, bits, group_size).T
+    w = _weight_f32(packed, scales, zeros, bits, group_size)
+    if round_to_bf16:
+        xf, w = xf.bfloat16().float(), w.bfloat16().float()
+    y = xf @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

@@ -17,22 +17,40 @@ from lowbit.kernels import reference
 ISAS = kernels.supported_cpu_isas()
 BITS = [2, 3, 4]
 MS = [1, 2, 3, 4, 7, 16, 33, 128]
-# Every variant in exact mode, and with the integer path where it has one.
-KERNELS = [(isa, exact) for isa in ISAS for exact in ((True,) if isa == "scalar" else (False, True))]
+# Every variant in exact mode, and with the integer path (and the bf16 kernel)
+# where it has one; the avx512 variant also in bf16 modes 'avx512' (vdpbf16ps)
+# and 'off', so that every kernel it may take runs.
+KERNELS = [(isa, exact, "auto") for isa in ISAS for exact in ((True,) if isa == "scalar" else (False, True))]
+if "avx512" in ISAS:
+    KERNELS += [("avx512", False, "avx512"), ("avx512", False, "off")]
 
 
-@pytest.fixture(params=KERNELS, ids=lambda c: f"{c[0]}-{'exact' if c[1] else 'q8'}")
+def _kernels_id(case):
+    isa, exact, bf16 = case
+    return f"{isa}-{'exact' if exact else 'fast'}{'' if bf16 == 'auto' else '-bf16-' + bf16}"
+
+
+@pytest.fixture(params=KERNELS, ids=_kernels_id)
 def isa(request):
-    name, exact = request.param
-    with kernels.use_cpu_isa(name), kernels.use_cpu_exact(exact):
+    name, exact, bf16 = request.param
+    with kernels.use_cpu_isa(name), kernels.use_cpu_exact(exact), kernels.use_cpu_bf16(bf16):
         yield name
 
 
 def reference_linear(x, *args):
     """The reference for what the active CPU kernels compute: x quantized the
-    integer path's way where that path runs for x's number of rows."""
-    rows = x.numel() // x.shape[-1]
-    return reference.linear(x, *args, quantize_x=kernels.cpu_linear_kernel(rows) == "q8-gemv")
+    integer path's way, or x and W rounded to bf16, where those kernels run for
+    x's number of rows."""
+    kernel = kernels.cpu_linear_kernel(x.numel() // x.shape[-1])
+    return reference.linear(x, *args, quantize_x=kernel == "q8-gemv",
+                            round_to_bf16=kernel in kernels.BF16_KERNELS)
+
+
+def tolerance(x_dtype, rows):
+    """TOLERANCE, but for fp32 x through the bf16 kernel, whose tiles sum in
+    another order than the reference: 1e-4."""
+    bf16 = kernels.cpu_linear_kernel(rows) in kernels.BF16_KERNELS
+    return 1e-4 if bf16 and x_dtype == torch.float32 else TOLERANCE[x_dtype]
 
 
 def random_shape(group_size_kind):
@@ -117,7 +135,7 @@ def test_linear_matches_reference(isa, m, bits, x_dtype):
     y = kernels.linear(x, packed, scales, zeros, bits, g, bias)
     assert y.dtype == x_dtype and y.shape == (m, n)
     y_ref = reference_linear(x, packed, scales, zeros, bits, g, bias)
-    assert rel_err(y, y_ref) < TOLERANCE[x_dtype], (n, k, g, scale_dtype)
+    assert rel_err(y, y_ref) < tolerance(x_dtype, m), (n, k, g, scale_dtype)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -133,7 +151,7 @@ def test_linear_non_contiguous_and_batched_inputs(isa, bits, layout):
         x = torch.randn(3, 4, 2 * k)[:, :, k:]
     y = kernels.linear(x, packed, scales, zeros, bits, g)
     assert y.shape == (*x.shape[:-1], n)
-    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < 1e-5
+    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < tolerance(torch.float32, x.numel() // k)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -147,7 +165,7 @@ def test_linear_at_model_shapes(isa, bits, m, shape):
     _, packed, scales, zeros = random_quant_weight(n, k, bits, g, torch.float16)
     x = torch.randn(m, k)
     y = kernels.linear(x, packed, scales, zeros, bits, g)
-    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < 1e-5
+    assert rel_err(y, reference_linear(x, packed, scales, zeros, bits, g)) < tolerance(torch.float32, m)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -204,6 +222,85 @@ def test_quantize_activations_rounds_half_to_even():
     assert d.tolist() == [[1.0, 0.0]]
     assert q[0, :4].tolist() == [127, 2, -4, 0]
     assert not q[0, 32:].any()
+
+
+# --- the bf16 kernel -----------------------------------------------------------------------
+
+BF16_MS = [12, 16, 17, 33, 64, 128, 129]
+
+
+def bf16_kernels():
+    """(mode, kernel name) of each bf16 kernel this machine runs."""
+    if "avx512" not in ISAS:
+        return []
+    found = []
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False):
+        for mode in ("auto", "avx512"):
+            with kernels.use_cpu_bf16(mode):
+                name = kernels.cpu_linear_kernel(16)
+            if name in kernels.BF16_KERNELS:
+                found.append((mode, name))
+    return found
+
+
+BF16_KERNEL_CASES = bf16_kernels()
+needs_bf16 = pytest.mark.skipif(not BF16_KERNEL_CASES, reason="needs AVX-512 BF16 (avx512 kernels)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("case", BF16_KERNEL_CASES, ids=lambda c: c[1])
+@pytest.mark.parametrize("m", BF16_MS)
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_kernel_matches_reference_on_bf16_rounded_inputs(case, m, bits):
+    """Odd N over several panels of 32 rows, K an odd multiple of 32 at times, every
+    group size, activation rows that leave partial blocks of 16; outputs are
+    poisoned (LOWBIT_POISON_OUTPUTS) so unwritten elements fail."""
+    mode, name = case
+    group_kind = ["g32", "g64", "g128", "per-channel"][int(torch.randint(0, 4, ()))]
+    _, k, g = random_shape(group_kind)
+    n = 2 * int(torch.randint(16, 60, ())) + 1
+    scale_dtype = [torch.float16, torch.bfloat16, torch.float32][int(torch.randint(0, 3, ()))]
+    _, packed, scales, zeros = random_quant_weight(n, k, bits, g, scale_dtype)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False), kernels.use_cpu_bf16(mode):
+        assert kernels.cpu_linear_kernel(m) == name
+        y = kernels.linear(x, packed, scales, zeros, bits, g, bias)
+    y_ref = reference.linear(x, packed, scales, zeros, bits, g, bias, round_to_bf16=True)
+    assert rel_err(y, y_ref) < 1e-4, (n, k, g, scale_dtype)
+    # and the rounding is really there: farther from the fp32 result than fp32 rounding
+    y_exact = reference.linear(x, packed, scales, zeros, bits, g, bias)
+    assert 1e-4 < rel_err(y, y_exact) < 2 * 2**-8
+
+
+@needs_bf16
+def test_bf16_kernel_is_not_used_in_exact_mode_for_few_rows_or_when_off():
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(True):
+        assert [kernels.cpu_linear_kernel(m) for m in (16, 128, 1000)] == ["gemm"] * 3
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False):
+        assert kernels.cpu_linear_kernel(11) == "q8-gemv"
+        with kernels.use_cpu_bf16("off"):
+            assert [kernels.cpu_linear_kernel(m) for m in (16, 128)] == ["q8-gemv", "gemm"]
+        with kernels.use_cpu_bf16("avx512"):
+            assert kernels.cpu_linear_kernel(4096) == "avx512-bf16"
+    with kernels.use_cpu_isa("avx512emu"), kernels.use_cpu_exact(False):
+        assert kernels.cpu_linear_kernel(128) == "gemm"
+
+
+def test_auto_bf16_mode_takes_amx_where_usable():
+    if "avx512" not in ISAS:
+        pytest.skip("needs the avx512 kernels")
+    with kernels.use_cpu_isa("avx512"), kernels.use_cpu_exact(False), kernels.use_cpu_bf16("auto"):
+        assert kernels.cpu_linear_kernel(128) == ("amx-bf16" if kernels.cpu_amx_usable() else "gemm")
+
+
+def test_bf16_mode_from_the_environment_and_bad_modes():
+    code = "import lowbit.ops as o; o.set_cpu_exact(False); print(o.cpu_bf16())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_CPU_BF16": "off"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["off"]
+    with pytest.raises(ValueError, match="unknown bf16 mode"):
+        kernels.set_cpu_bf16("amx")
 
 
 def test_exact_mode_from_the_environment():

@@ -35,8 +35,22 @@ bool set_active_isa(Isa isa);
 // by LOWBIT_CPU_EXACT=1 at load time or by set_exact_mode.
 bool exact_mode();
 void set_exact_mode(bool exact);
+// From kBf16MinRows (csrc/cpu/kernels.h) rows on, outside exact mode, the
+// avx512 variant can multiply in bf16 (CPUs with AVX-512 BF16): weights
+// decoded to bf16 panels, x rounded to bf16, fp32 accumulation. The mode says
+// with what: "auto" (the default) with AMX tiles where the CPU has them and
+// Linux grants their use, else not at all; "avx512" with vdpbf16ps (also
+// where AMX is usable: for comparisons and for testing); "off": never. Set by
+// LOWBIT_CPU_BF16 at load time or by set_bf16_gemm_mode, which returns false
+// (and changes nothing) for any other name.
+const char* bf16_gemm_mode();
+bool set_bf16_gemm_mode(const char* name);
+// Whether this CPU and OS let this process use AMX bf16 tiles (asks Linux
+// for the permission on first call).
+bool amx_usable();
 // The kernel cpu::linear runs for m activation rows under the active variant
-// and mode: "q8-gemv" (integer), "gemv" or "gemm" (fp32).
+// and mode: "amx-bf16" or "avx512-bf16" (bf16 GEMM), "q8-gemv" (integer),
+// "gemv" or "gemm" (fp32).
 const char* linear_kernel(int64_t m);
 
 // Runs body(begin, end) over disjoint chunks covering [0, n), possibly in
