@@ -21,7 +21,7 @@ from lowbit.quant.schemes import MethodSettings, Scheme, check_overrides, resolv
 # Fields that change where files go or what is printed, never the result.
 _NOT_IN_FINGERPRINT = ("cache_dir", "progress")
 # Learning rates of the end-to-end stage, per parameter group.
-E2E_LR = {"scale": 1e-3, "lora": 1e-4}
+E2E_LR = {"scale": 5e-3, "lora": 1e-4}
 # Fields a method fills in when they are left at None (see `QuantConfig.resolved`).
 METHOD_DEFAULTED = ("nsamples", "seqlen", "epochs", "aug_loss")
 

@@ -60,7 +60,7 @@ from lowbit.kernels import backends
 from lowbit.nn import QuantLinear, linear_layers, linear_weight
 from lowbit.nn.modules import incompatibility
 
-DEFAULT_METHOD = "omniquant"
+DEFAULT_METHOD = "gptq"
 SPEED_NEW_TOKENS = 32
 
 
@@ -87,6 +87,8 @@ def quant_config(args: argparse.Namespace, cache_dir: str | None) -> QuantConfig
         settings["init"] = check_init_flag(args.init, method_cls)
     if args.e2e_epochs is not None:
         settings["e2e_epochs"] = args.e2e_epochs
+    elif args.nproc > 1 or distributed.launched_by_torchrun():
+        settings["e2e_epochs"] = 0  # the quick budget's end-to-end stage runs in one process only
     config = QuantConfig(lr=lr, **settings)
     return config.resolved(method_cls.defaults(config))
 
@@ -272,8 +274,10 @@ def quantize_and_report(args: argparse.Namespace, device: str) -> int:
         print(f"  per-block checkpoints in {resume_dir} (run the same command again to resume)")
     sys.stdout.flush()
 
-    # out of core: one block in memory at a time; saliency from the data needs the whole model
-    source = model_directory(args.model) if config.options.get("saliency") is not True else None
+    # out of core: one block in memory at a time; saliency from the data and the end-to-end
+    # stage need the whole model
+    whole_model = config.options.get("saliency") is True or config.e2e_epochs > 0
+    source = None if whole_model else model_directory(args.model)
     calibration = load_texts(args.calibration, "calibration") if method_cls.needs_data else None
     eval_texts = load_texts([args.eval_data], "evaluation") if args.eval and main else None
     if source is not None:
@@ -355,8 +359,9 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
             for pattern, setting in config.overrides.items())
     if needs_data:
         lr = ", ".join(f"{k} {v:g}" for k, v in config.lr.items())
-        text += (f"; calibration: {config.nsamples} windows x {config.seqlen} tokens of "
-                 f"{' + '.join(calibration)}, {config.epochs} epochs, lr {lr or 'default'}")
+        text += f"; calibration: {config.nsamples} windows x {config.seqlen} tokens of {' + '.join(calibration)}"
+        if config.epochs:
+            text += f", {config.epochs} epochs, lr {lr or 'default'}"
         if config.sw_weight:
             text += f", SW weight {config.sw_weight:g}"
         saliency = config.options.get("saliency")
@@ -366,6 +371,8 @@ def describe_config(config: QuantConfig, needs_data: bool, calibration: Sequence
             text += f", from {config.options['init']}"
         if config.e2e_epochs:
             text += f"; end to end: {config.e2e_epochs} epochs"
+        elif config.method == DEFAULT_METHOD and distributed.launched_by_torchrun():
+            text += "; no end-to-end stage (it runs in one process only)"
     return text
 
 
@@ -437,12 +444,13 @@ The summary table gives the size in MB (full precision vs the saved checkpoint),
 the perplexity before and after, and the speedup on this machine: greedy decoding
 (tokens/s) and one pass through the quantized linear layers (ms per token).
 
-Calibration budget: --budget quick (the default) calibrates on
+Calibration budget: --budget quick (the default) calibrates gptq on 16 windows x
+512 tokens followed by 2 end-to-end epochs, and the trained methods on
 {QUICK_BUDGET['nsamples']} windows x {QUICK_BUDGET['seqlen']} tokens, {QUICK_BUDGET['epochs']} epochs per decoder block, learning rate {QUICK_CLIP_LR:g}
 for clipping logits, and each method's own quick settings (docs/CALIBRATION.md);
 --budget published uses the method's own
 recipe (omniquant: 128 x 2048 tokens, 20 epochs: hours on a CPU). --nsamples,
---seqlen, --epochs and --lr override either.""",
+--seqlen, --epochs, --e2e-epochs and --lr override either.""",
         epilog="""\
 examples:
   lowbit quantize

@@ -35,10 +35,10 @@ def test_quantize_prints_the_summary_of_what_it_saved(tiny_hf, tmp_path, capsys)
     assert code == 0, err
 
     info = lowbit.checkpoint_info(out)
-    assert info["format"] == "lowbit v2" and info["method"] == "omniquant"
+    assert info["format"] == "lowbit v2" and info["method"] == "gptq"
     assert info["quantized_modules"] == 14 and info["schemes"] == {"3-bit g64": 14}
     assert info["full_precision_modules"] == ["lm_head"] and info["tokenizer"]
-    assert info["method_config"]["nsamples"] == 2 and info["method_config"]["lr"] == {"clip": 0.1}
+    assert info["method_config"]["nsamples"] == 2 and info["method_config"]["e2e_epochs"] == 2
 
     size = cells(stdout, "size (MB)")
     fp_bytes = (Path(tiny_hf["model"]) / "model.safetensors").stat().st_size
@@ -280,7 +280,7 @@ def test_quantize_apiq_with_saliency(tiny_hf, tmp_path, capsys):
 
 
 def test_saliency_refusals(tiny_hf, tmp_path, capsys):
-    code, _, err = run(quantize_args(tiny_hf, tmp_path / "s", "--saliency"), capsys)
+    code, _, err = run(quantize_args(tiny_hf, tmp_path / "s", "--method", "omniquant", "--saliency"), capsys)
     assert_one_line_error(code, err, match="--saliency: omniquant does not use saliency; methods that do: apiq")
     code, _, err = run(quantize_args(tiny_hf, tmp_path / "s", "--method", "apiq", "--saliency",
                                      str(tmp_path / "missing")), capsys)
@@ -295,7 +295,8 @@ def test_init_and_end_to_end_flags(tiny_hf, tmp_path, capsys):
     def config(*flags):
         return quantize.quant_config(build_parser().parse_args(["quantize", *flags]), None)
 
-    assert config("--init", "gptq", "--e2e-epochs", "2").init == "gptq"
+    assert config("--method", "omniquant", "--init", "gptq", "--e2e-epochs", "2").init == "gptq"
+    assert config("--nproc", "2").e2e_epochs == 0  # the default's end-to-end stage needs one process
     assert config("--method", "apiq", "--init", "rtn").init == "rtn"
     assert config("--e2e-epochs", "3").e2e_epochs == 3
     code, _, err = run(quantize_args(tiny_hf, tmp_path / "g", "--method", "gptq", "--init", "gptq"), capsys)
@@ -320,12 +321,13 @@ def test_default_quantize_on_smollm2(tmp_path, capsys, monkeypatch):
     except AssetError as exc:
         pytest.skip(f"the default model or texts are not available: {exc}")
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(["quantize", "--nsamples", "2", "--epochs", "2", "--eval-windows", "8"], capsys)
+    code, out, err = run(["quantize", "--nsamples", "2", "--eval-windows", "8"], capsys)
     assert code == 0, err
     output = tmp_path / "smollm2-135m-w3g64"
     info = lowbit.checkpoint_info(output)
     assert info["quantized_modules"] == 210 and info["schemes"] == {"3-bit g64": 210}
-    assert info["method"] == "omniquant" and info["method_config"]["seqlen"] == 512
+    assert info["method"] == "gptq" and info["method_config"]["seqlen"] == 512
+    assert info["method_config"]["e2e_epochs"] == 2  # the default job's end-to-end stage
 
     fp_size, q_size, _ = cells(out, "size (MB)")
     assert float(fp_size) == pytest.approx(538, abs=1)
