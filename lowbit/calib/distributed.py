@@ -66,9 +66,11 @@ def init_from_environment(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return device
 
 
-def shutdown() -> None:
+def shutdown(failed: bool = False) -> None:
+    """Leaves the process group. After a failure the group is left to the process's exit:
+    destroying it while another rank has already gone can abort the process (gloo)."""
     global _cpu_group
-    if dist.is_available() and dist.is_initialized():
+    if not failed and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _cpu_group = None
 

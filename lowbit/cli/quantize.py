@@ -223,9 +223,12 @@ def run(args: argparse.Namespace) -> int:
         return quantize_and_report(args, device)
     args.device = distributed.init_from_environment(device)
     try:
-        return quantize_and_report(args, args.device)
-    finally:
-        distributed.shutdown()
+        code = quantize_and_report(args, args.device)
+    except BaseException:
+        distributed.shutdown(failed=True)
+        raise
+    distributed.shutdown()
+    return code
 
 
 def launch_ranks(argv: Sequence[str], nproc: int) -> int:

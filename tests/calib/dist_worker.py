@@ -50,9 +50,12 @@ def main(settings: dict, output: str) -> int:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output)
     except lowbit.LowbitError as exc:
         print(f"rank {rank}: {exc}", file=sys.stderr)
+        distributed.shutdown(failed=True)
         return 1
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(failed=True)
+        raise
+    distributed.shutdown()
     return 0
 
 
