@@ -457,7 +457,8 @@ recipe (omniquant: 128 x 2048 tokens, 20 epochs: hours on a CPU). --nsamples,
         epilog="""\
 examples:
   lowbit quantize
-  lowbit quantize --bits 2 --group-size 32 --epochs 4 --output ./smollm2-w2g32
+  lowbit quantize --bits 2 --group-size 32 --e2e-epochs 4 --output ./smollm2-w2g32
+  lowbit quantize --method apiq --init gptq --saliency
   lowbit quantize --model ./my-llama --calibration notes.txt --device cuda --resume
   lowbit quantize --method rtn --no-bench
   lowbit quantize --override down_proj=4 --override 'model\\.layers\\.0\\..*=4g32' --keep o_proj
