@@ -23,11 +23,12 @@ def add_parser(sub, common) -> None:
 
 
 def _describe_method(config: dict[str, Any]) -> str:
-    keys = ("nsamples", "seqlen", "epochs", "lr", "sw_weight", "aug_loss", "saliency", "seed")
+    keys = ("nsamples", "seqlen", "epochs", "lr", "sw_weight", "aug_loss", "saliency", "init", "e2e_epochs", "seed")
     parts = []
     for key in keys:
         value = config.get(key)
-        if value is None or value == {} or (value is False and key != "aug_loss"):
+        unset = value is None or value == {} or (key == "e2e_epochs" and not value)
+        if unset or (value is False and key != "aug_loss"):
             continue
         if isinstance(value, dict):
             value = ",".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in value.items())

@@ -20,7 +20,8 @@ def test_info_summarises_checkpoint_info(tiny_hf, tiny_checkpoint, tmp_path, cap
     assert fields["format"] == "lowbit v2"
     assert fields["quantized"] == "14 linear layers: 3-bit g64 x14"
     assert fields["full precision"] == "lm_head"
-    assert fields["method"].startswith("omniquant (nsamples 2, seqlen 32, epochs 1, lr clip=0.1")
+    assert fields["method"].startswith("gptq (nsamples 2, seqlen 32, epochs 1, sw_weight 0.0")
+    assert "e2e_epochs 2" in fields["method"]  # the default job's end-to-end stage
     assert fields["weights"] == f"{expected['weights_bytes'] / 1e6:.1f} MB in 1 file"
     assert fields["tokenizer"] == "saved"
 
