@@ -13,7 +13,7 @@ def test_bench_prints_a_row_per_measurement(capsys):
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("96x128")]
     assert [(r[1], r[2]) for r in rows] == [("1", "2"), ("1", "3"), ("3", "2"), ("3", "3")]
     for r in rows:
-        lowbit_ms, fp32_ms, vs_fp32 = float(r[3]), float(r[4]), float(r[6].rstrip("x"))
+        lowbit_ms, fp32_ms, vs_fp32 = float(r[4]), float(r[5]), float(r[7].rstrip("x"))
         # the ratio of the two times, up to their rounding to 0.001 ms and its own to 0.01
         low, high = (fp32_ms - 5e-4) / (lowbit_ms + 5e-4), (fp32_ms + 5e-4) / max(lowbit_ms - 5e-4, 1e-9)
         assert low - 0.005 <= vs_fp32 <= high + 0.005
@@ -38,7 +38,7 @@ def test_bench_with_llamacpp_adds_its_columns(capsys, tmp_path):
     header = next(line for line in lines if line.startswith("| shape"))
     assert header.endswith("| GB/s | ggml | ggml f32 ms | ggml ms | ggml vs f32 | repack ms | repack vs | lowbit/ggml |")
     rows = [line.split(" | ") for line in lines if line.startswith("| 96x256")]
-    assert [r[9:12] for r in rows] == [["q2_K", "32.000", "2.000"], ["q3_K", "32.000", "-"]]
+    assert [r[10:13] for r in rows] == [["q2_K", "32.000", "2.000"], ["q3_K", "32.000", "-"]]
     assert all(len(r) == header.count("|") - 1 for r in rows)
     # the failed q3_K run: one line, after the table
     failures = [i for i, line in enumerate(lines) if line.startswith("# llama.cpp not measured:")]
