@@ -32,12 +32,14 @@ def _seed_each_test(request):
 
 
 @pytest.fixture(autouse=True)
-def _exact_cpu_kernels():
+def _exact_cpu_kernels(monkeypatch):
     """Tests compare modules and algorithms with fp32 references, so the CPU kernels
-    keep x in fp32 (exact mode). The integer path is tested against its own reference
-    and error bound in tests/kernels/test_ops.py, whose `isa` fixture turns it on."""
+    keep x in fp32 (exact mode), here and in the subprocesses tests start. The integer
+    and bf16 paths are tested against their own references and error bounds in
+    tests/kernels/test_ops.py, whose `isa` fixture turns them on."""
     from lowbit import kernels
 
+    monkeypatch.setenv("LOWBIT_CPU_EXACT", "1")
     with kernels.use_cpu_exact(True):
         yield
 

@@ -109,7 +109,7 @@ def test_export_of_the_current_directory(tiny_checkpoint, tmp_path, capsys, monk
     ("rounding=0.1", 1, r"omniquant has no lr group 'rounding' \(its groups: clip\)"),
 ])
 def test_bad_learning_rates_are_refused(tiny_hf, tmp_path, capsys, lr, status, match):
-    code, _, err = run(quick(tiny_hf, tmp_path / "out", "--lr", lr), capsys)
+    code, _, err = run(quick(tiny_hf, tmp_path / "out", "--method", "omniquant", "--lr", lr), capsys)
     assert_one_line_error(code, err, status, match)
     assert not (tmp_path / "out").exists()
 
