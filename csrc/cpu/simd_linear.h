@@ -38,33 +38,7 @@ namespace lowbit {
 namespace cpu {
 namespace LOWBIT_SIMD_NAMESPACE {
 
-// An aligned buffer (plain malloc: no standard template is instantiated under
-// this file's target).
-template <class T>
-class Scratch {
- public:
-  explicit Scratch(int64_t count) {
-    const size_t bytes = (static_cast<size_t>(count > 0 ? count : 1) * sizeof(T) + 63) / 64 * 64;
-    data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (data_ == nullptr) throw std::bad_alloc();
-  }
-  ~Scratch() { std::free(data_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* get() const { return data_; }
-
- private:
-  T* data_;
-};
-
-template <class Fn>
-void for_range(const Parallel& par, int64_t n, int64_t grain, Fn&& fn) {
-  RangeFn range{&fn, [](void* ctx, int64_t b, int64_t e) { (*static_cast<Fn*>(ctx))(b, e); }};
-  par.for_range(n, grain, range);
-}
-
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+#include "simd_util.h"
 
 // Field j of the words of a plane of PB-bit fields, for L lanes. PB = 1 is the
 // high-bit plane of 3-bit rows after spread_pairs: 16 fields per lane, each a
