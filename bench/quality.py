@@ -90,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--output", default=None, help="also write the markdown table here")
     p.add_argument("--json", default=None, help="also write every number and block log here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print one table of the results in these --json files (for example "
+                        "one run per seed or setting, run side by side)")
     return p.parse_args(argv)
 
 
@@ -143,6 +146,8 @@ def quant_config(recipe: str, bits: int, group_size: int, seed: int, args) -> lo
         flags += args.flags.split()
     for modifier in modifiers:
         flags += MODIFIER_FLAGS[modifier](args)
+    if "e2e" not in modifiers and base != "rtn":
+        flags += ["--e2e-epochs", "0"]  # the quick budget of gptq includes the stage: only +e2e runs it
     config = cli_quant_config(build_parser().parse_args(["quantize", *flags]), None)
     config.progress = False
     return config
@@ -311,8 +316,21 @@ def table(run_result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(paths: list[str]) -> dict:
+    """The results of several --json runs as one run: the first run's settings, every
+    result, each run's command and the sum of their wall times."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    meta = {**runs[0]["meta"], "wall_s": sum(r["meta"]["wall_s"] for r in runs),
+            "command": "; ".join(r["meta"]["command"] for r in runs)}
+    args = {**runs[0]["args"], "seeds": ",".join(dict.fromkeys(r["args"]["seeds"] for r in runs))}
+    return {"args": args, "results": [row for r in runs for row in r["results"]], "meta": meta}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        print(table(merged(args.merge)), end="")
+        return
     result = run(args)
     text = table(result)
     print(text)
