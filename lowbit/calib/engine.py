@@ -24,7 +24,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +45,7 @@ from lowbit.calib.shards import ResidentWeights
 from lowbit.errors import CalibrationError, UsageError
 from lowbit.format import DTYPE_NAMES, resolve_group_size
 from lowbit.nn import QuantLinear, dense_weights, linear_weight
-from lowbit.nn.modules import incompatibility, linear_layers, set_submodule
+from lowbit.nn.modules import incompatibility, linear_layers, set_submodule, warn_incompatible
 from lowbit.quant.grid import default_scale_dtype
 
 
@@ -203,6 +202,7 @@ def plan_layers(
     """Per block: local name -> LayerSpec of the layers to quantize; the layers outside
     the blocks to quantize; and the skipped layers with the reason."""
     skipped: dict[str, str] = {}
+    incompatible: dict[str, str] = {}
 
     def spec_for(name: str, layer: nn.Module) -> LayerSpec | None:
         scheme = config.scheme(name)
@@ -211,8 +211,7 @@ def plan_layers(
             return None
         reason = incompatibility(layer, scheme.group_size)
         if reason:
-            skipped[name] = reason
-            warnings.warn(f"lowbit: not quantizing {name}: {reason}", stacklevel=4)
+            skipped[name] = incompatible[name] = reason
             return None
         weight = linear_weight(layer)
         scale_dtype = (DTYPE_NAMES[config.scale_dtype] if config.scale_dtype
@@ -234,6 +233,7 @@ def plan_layers(
             spec = spec_for(name, layer)
             if spec is not None:
                 outside[name] = spec
+    warn_incompatible(incompatible, stacklevel=4)  # lowbit.quantize's caller
     return plan, outside, skipped
 
 

@@ -4,7 +4,6 @@ adapters merged into the codes, and QuantLinears to dense stand-ins."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.format import check_bits
-from lowbit.nn.modules import incompatibility, linear_layers, set_submodule
+from lowbit.nn.modules import incompatibility, linear_layers, set_submodule, warn_incompatible
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.quant.schemes import MethodSettings, Overrides, check_overrides, matching_override, resolve_scheme
 
@@ -50,6 +49,7 @@ def quantize_rtn(
     skip = tuple(skip)
     overrides = check_overrides(overrides)
     report = ConversionReport()
+    incompatible: dict[str, str] = {}
     for name, module in linear_layers(model).items():
         scheme = resolve_scheme(name, bits, group_size, overrides, skip)
         if scheme is None:
@@ -58,8 +58,7 @@ def quantize_rtn(
             continue
         reason = incompatibility(module, scheme.group_size)
         if reason:
-            report.skipped[name] = reason
-            warnings.warn(f"lowbit: not quantizing {name}: {reason}", stacklevel=2)
+            report.skipped[name] = incompatible[name] = reason
             continue
         try:
             with torch.no_grad():
@@ -68,6 +67,7 @@ def quantize_rtn(
             raise type(exc)(f"{name}: {exc}") from exc
         set_submodule(model, name, quantized)
         report.quantized.append(name)
+    warn_incompatible(incompatible, stacklevel=2)
     model.lowbit_config = MethodSettings(
         "rtn",
         {

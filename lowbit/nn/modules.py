@@ -3,6 +3,8 @@ conversion (quantization, loading, dense evaluation) shares."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -40,3 +42,19 @@ def incompatibility(module: nn.Module, group_size: int | None) -> str | None:
     if g % BLOCK or k % g:
         return f"group_size={g} does not divide in_features={k} in multiples of {BLOCK}"
     return None
+
+
+def warn_incompatible(reasons: dict[str, str], stacklevel: int) -> None:
+    """One warning per reason for the layers left in full precision because the format
+    cannot hold them (name -> `incompatibility`), naming the first two of each: a model
+    whose 576-wide layers a group size does not fit would otherwise warn once per layer."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        if len(names) == 1:
+            what = names[0]
+        else:
+            shown = ", ".join(names[:2])
+            what = f"{len(names)} layers ({shown}{f' and {len(names) - 2} more' if len(names) > 2 else ''})"
+        warnings.warn(f"lowbit: not quantizing {what}: {reason}", stacklevel=stacklevel + 1)

@@ -82,6 +82,33 @@ def test_group_size_that_does_not_divide_is_reported():
     assert report.quantized == []
 
 
+def test_layers_skipped_for_one_reason_share_one_warning():
+    """A group size that misses every layer of one width warns once, not once per layer."""
+    model = nn.Sequential(nn.Linear(96, 96), nn.Linear(96, 96), nn.Linear(96, 128), nn.Linear(128, 8),
+                          nn.Linear(96, 8))
+    with pytest.warns(UserWarning, match="not quantizing") as warned:
+        report = lowbit.quantize_rtn(model, 3, group_size=64)
+    assert [str(w.message) for w in warned] == [
+        "lowbit: not quantizing 4 layers (0, 1 and 2 more): group_size=64 does not divide in_features=96 "
+        "in multiples of 32",
+    ]
+    assert warned[0].filename == __file__
+    assert report.quantized == ["3"] and set(report.skipped) == {"0", "1", "2", "4"}
+
+
+def test_calibration_warns_once_per_reason():
+    model = tiny_llama()  # down_proj: in_features 160
+    with pytest.warns(UserWarning, match="not quantizing") as warned:
+        report = lowbit.quantize(model, lowbit.QuantConfig(bits=3, group_size=64, method="rtn", progress=False))
+    assert [str(w.message) for w in warned if "not quantizing" in str(w.message)] == [
+        "lowbit: not quantizing 2 layers (model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj): "
+        "group_size=64 does not divide in_features=160 in multiples of 32",
+    ]
+    assert warned[0].filename == __file__
+    assert {name for name, reason in report.skipped.items() if "does not divide" in reason} == {
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+
+
 def test_nan_weights_name_the_layer():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8))
     with torch.no_grad():
