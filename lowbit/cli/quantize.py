@@ -448,7 +448,7 @@ the perplexity before and after, and the speedup on this machine: greedy decodin
 (tokens/s) and one pass through the quantized linear layers (ms per token).
 
 Calibration budget: --budget quick (the default) calibrates gptq on 16 windows x
-512 tokens followed by 2 end-to-end epochs, and the trained methods on
+512 tokens followed (at 2 and 3 bits) by 2 end-to-end epochs, and the trained methods on
 {QUICK_BUDGET['nsamples']} windows x {QUICK_BUDGET['seqlen']} tokens, {QUICK_BUDGET['epochs']} epochs per decoder block, learning rate {QUICK_CLIP_LR:g}
 for clipping logits, and each method's own quick settings (docs/CALIBRATION.md);
 --budget published uses the method's own

@@ -239,6 +239,9 @@ def test_quick_budget_of_each_method():
         quick = config("--method", method)
         assert (quick.nsamples, quick.seqlen, quick.epochs, quick.lr["clip"]) == (8, 512, 2, QUICK_CLIP_LR), method
     assert quick_budget("apiq")["lr"] == {"clip": QUICK_CLIP_LR, "lora": 1e-3}
+    # gptq: the end-to-end stage at 2 and 3 bits only
+    assert [config("--bits", str(bits)).e2e_epochs for bits in (2, 3, 4)] == [2, 2, 0]
+    assert config("--bits", "4", "--e2e-epochs", "1").e2e_epochs == 1
     assert config("--method", "apiq").lr["lora"] == 1e-3
     budget = quick_budget("tesseraq")
     assert budget["rounding_steps"] == 3 and budget["rounding_thresholds"] == (0.5, 0.25, 0.1, 0.03)
