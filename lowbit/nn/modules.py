@@ -55,6 +55,6 @@ def warn_incompatible(reasons: dict[str, str], stacklevel: int) -> None:
         if len(names) == 1:
             what = names[0]
         else:
-            shown = ", ".join(names[:2])
-            what = f"{len(names)} layers ({shown}{f' and {len(names) - 2} more' if len(names) > 2 else ''})"
+            more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+            what = f"{len(names)} layers ({', '.join(names[:2])}{more})"
         warnings.warn(f"lowbit: not quantizing {what}: {reason}", stacklevel=stacklevel + 1)
