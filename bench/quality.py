@@ -56,10 +56,10 @@ from lowbit.io import assets  # noqa: E402
 from lowbit.nn.convert import dense_weights  # noqa: E402
 from lowbit.nn.modules import incompatibility, linear_layers  # noqa: E402
 
-# On the default model (rows of 576 and 1536) groups of 128 fit only the down projections;
-# 192 fits every layer (see check_settings).
-SETTINGS = {"w3g64": (3, 64), "w2g64": (2, 64), "w3g128": (3, 128), "w4g64": (4, 64), "w4g128": (4, 128),
-            "w3g32": (3, 32), "w2g32": (2, 32), "w3g192": (3, 192), "w4g192": (4, 192)}
+# Group sizes that fit every layer of the default model (rows of 576 and 1536): 128 fits
+# only the down projections (check_settings refuses such a setting).
+SETTINGS = {"w3g64": (3, 64), "w2g64": (2, 64), "w4g64": (4, 64), "w3g32": (3, 32), "w2g32": (2, 32),
+            "w3g192": (3, 192), "w4g192": (4, 192)}
 BASE_METHODS = ("rtn", "gptq", "omniquant", "apiq", "tesseraq")
 MODIFIERS = ("gptq", "sw", "saliency", "e2e")
 DEFAULT_RECIPES = "rtn,gptq,omniquant,omniquant+gptq,omniquant+gptq+e2e"
@@ -176,6 +176,9 @@ def run(args) -> dict:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for recipe in recipes:
         parse_recipe(recipe)
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting {unknown[0]!r}: one of {', '.join(SETTINGS)}")
     model_dir = assets.smollm2_dir()
     model, tokenizer = assets.load_model()
     check_settings(model, settings)
