@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -29,6 +30,17 @@ def cpu_isa() -> str:
     return extension.cpu_isa()
 
 
+@contextlib.contextmanager
+def _temporarily(get: Callable[[], Any], set_: Callable[[Any], None], value: Any) -> Iterator[None]:
+    """A process-wide kernel setting set to `value` for a block, restored after it."""
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
 def supported_cpu_isas() -> list[str]:
     """CPU kernel variants that this build and this CPU can run (see cpu_isa)."""
     return list(extension.supported_cpu_isas())
@@ -39,15 +51,9 @@ def set_cpu_isa(name: str) -> None:
     extension.set_cpu_isa(name)
 
 
-@contextlib.contextmanager
-def use_cpu_isa(name: str) -> Iterator[None]:
+def use_cpu_isa(name: str) -> contextlib.AbstractContextManager[None]:
     """Runs a block with the CPU kernel variant `name`, then restores the previous one."""
-    previous = cpu_isa()
-    set_cpu_isa(name)
-    try:
-        yield
-    finally:
-        set_cpu_isa(previous)
+    return _temporarily(cpu_isa, set_cpu_isa, name)
 
 
 # --- CPU activations: integer path or exact ------------------------------------------------
@@ -81,15 +87,9 @@ def set_cpu_bf16(mode: str) -> None:
     extension.set_cpu_bf16_mode(mode)
 
 
-@contextlib.contextmanager
-def use_cpu_bf16(mode: str) -> Iterator[None]:
+def use_cpu_bf16(mode: str) -> contextlib.AbstractContextManager[None]:
     """Runs a block in bf16 mode `mode`, then restores the previous one."""
-    previous = cpu_bf16()
-    set_cpu_bf16(mode)
-    try:
-        yield
-    finally:
-        set_cpu_bf16(previous)
+    return _temporarily(cpu_bf16, set_cpu_bf16, mode)
 
 
 def cpu_amx_usable() -> bool:
@@ -120,15 +120,9 @@ def describe_cpu_kernels() -> str:
             f"{prompts} ({prompt_x}) for prompts")
 
 
-@contextlib.contextmanager
-def use_cpu_exact(exact: bool = True) -> Iterator[None]:
+def use_cpu_exact(exact: bool = True) -> contextlib.AbstractContextManager[None]:
     """Runs a block in (or out of) exact mode, then restores the previous mode."""
-    previous = cpu_exact()
-    set_cpu_exact(exact)
-    try:
-        yield
-    finally:
-        set_cpu_exact(previous)
+    return _temporarily(cpu_exact, set_cpu_exact, exact)
 
 
 def check_isa_from_environment() -> None:
@@ -164,15 +158,9 @@ def set_cuda_linear_path(name: str) -> None:
     extension.set_cuda_linear_path(name)
 
 
-@contextlib.contextmanager
-def use_cuda_linear_path(name: str) -> Iterator[None]:
+def use_cuda_linear_path(name: str) -> contextlib.AbstractContextManager[None]:
     """Runs a block with the CUDA linear kernel `name`, then restores the previous choice."""
-    previous = extension.forced_cuda_linear_path()
-    set_cuda_linear_path(name)
-    try:
-        yield
-    finally:
-        set_cuda_linear_path(previous)
+    return _temporarily(extension.forced_cuda_linear_path, set_cuda_linear_path, name)
 
 
 check_isa_from_environment()
