@@ -94,7 +94,8 @@ constexpr const char* kBf16ModeNames[] = {"auto", "avx512", "off"};
 enum class Bf16Mode : int32_t { kAuto = 0, kAvx512 = 1, kOff = 2 };
 
 bool parse_bf16_mode(const char* name, Bf16Mode* out) {
-  for (int32_t i = 0; i < 3; ++i) {
+  constexpr int32_t kModes = sizeof(kBf16ModeNames) / sizeof(kBf16ModeNames[0]);
+  for (int32_t i = 0; i < kModes; ++i) {
     if (std::strcmp(name, kBf16ModeNames[i]) == 0) {
       *out = static_cast<Bf16Mode>(i);
       return true;
