@@ -15,9 +15,11 @@ single-process run computes exactly what it did before.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,13 +68,24 @@ def init_from_environment(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return device
 
 
-def shutdown(failed: bool = False) -> None:
-    """Leaves the process group. After a failure the group is left to the process's exit:
-    destroying it while another rank has already gone can abort the process (gloo)."""
+def shutdown(failed: bool = False, exit_code: int = 1) -> None:
+    """Leaves the process group. After a failure gloo cannot tear the group down safely: its
+    threads abort the process (std::terminate) now and then when a peer has gone, whether the
+    group is destroyed or left to the interpreter's exit. So a failed rank ends its process at
+    exit with `exit_code` through os._exit, after the error is printed and the output flushed."""
     global _cpu_group
-    if not failed and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        if failed:
+            atexit.register(_exit_without_teardown, exit_code)
+        else:
+            dist.destroy_process_group()
     _cpu_group = None
+
+
+def _exit_without_teardown(exit_code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def _cpu() -> Any:

@@ -224,8 +224,8 @@ def run(args: argparse.Namespace) -> int:
     args.device = distributed.init_from_environment(device)
     try:
         code = quantize_and_report(args, args.device)
-    except BaseException:
-        distributed.shutdown(failed=True)
+    except BaseException as exc:
+        distributed.shutdown(failed=True, exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
         raise
     distributed.shutdown()
     return code
