@@ -21,10 +21,13 @@ from lowbit.quant.grid import rtn
 LM_HEAD_CHOICES = {
     "model": "the model's own lm_head",
     "bf16": "a bfloat16 copy of the weight",
-    "q4": "4-bit round-to-nearest codes, groups of 32 inputs",
+    "q4": "4-bit round-to-nearest codes, groups of 32 inputs, fp16 scales and zeros",
     "q4r": "q4 plus a second 4-bit layer coding its rounding error (near-lossless, twice q4's bytes)",
 }
 Q4_GROUP_SIZE = 32
+# fp16 scales and zeros: fp32 ones would add a fifth to what the head reads per token,
+# and their rounding is far below a 4-bit step (the residual of q4r absorbs it too)
+Q4_SCALE_DTYPE = torch.float16
 
 
 class BFloat16Linear(nn.Module):
@@ -49,7 +52,7 @@ class ResidualQuantLinear(nn.Module):
         weight = weight.detach().float()
         layers = []
         for _ in range(2):
-            layers.append(QuantLinear.from_quantized(*rtn(weight, 4, Q4_GROUP_SIZE, torch.float32),
+            layers.append(QuantLinear.from_quantized(*rtn(weight, 4, Q4_GROUP_SIZE, Q4_SCALE_DTYPE),
                                                      bits=4, group_size=Q4_GROUP_SIZE))
             weight = weight - layers[-1].dense_weight()
         self.stacked = QuantLinear.concat_rows(layers)
@@ -84,7 +87,7 @@ def decoding_lm_head(head: nn.Module, choice: str) -> nn.Module:
     with torch.no_grad():
         if choice == "q4r":
             return ResidualQuantLinear(head.weight, head.bias)
-        return QuantLinear.from_linear(head, bits=4, group_size=Q4_GROUP_SIZE, scale_dtype=torch.float32)
+        return QuantLinear.from_linear(head, bits=4, group_size=Q4_GROUP_SIZE, scale_dtype=Q4_SCALE_DTYPE)
 
 
 def describe_lm_head(head: nn.Module) -> str:
