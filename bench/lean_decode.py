@@ -27,7 +27,8 @@ from lowbit.nn.decoding import Decoding  # noqa: E402
 
 # (label, model: "lowbit" or "fp", path, lm_head)
 CONFIGURATIONS = [
-    ("lowbit, lean path, q4r lm_head (the default)", "lowbit", "lean", "q4r"),
+    ("lowbit, lean path, q4t lm_head (the default)", "lowbit", "lean", "q4t"),
+    ("lowbit, lean path, q4r lm_head", "lowbit", "lean", "q4r"),
     ("lowbit, lean path, q4 lm_head", "lowbit", "lean", "q4"),
     ("lowbit, lean path, fp32 lm_head", "lowbit", "lean", "model"),
     ("lowbit, transformers' generate, fp32 lm_head (before)", "lowbit", "transformers", "model"),

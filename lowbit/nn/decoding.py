@@ -16,7 +16,7 @@ from lowbit.nn.lean_decode import LeanDecoder, greedy, lean_unsupported
 from lowbit.nn.lm_head import decoding_lm_head, describe_lm_head
 
 DECODE_PATHS = ("lean", "transformers")
-DEFAULT_LM_HEAD = "q4r"
+DEFAULT_LM_HEAD = "q4t"
 
 
 class Decoding:

@@ -49,15 +49,16 @@ def lean_unsupported(model: nn.Module) -> str | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's arithmetic: normalized in fp32, scaled in the input's dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """LlamaRMSNorm's arithmetic: normalized in fp32 (one aten call), scaled in the input's dtype."""
+    return weight * torch.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(half, -1) * signed_sin(sin),
+    where rotate_half(x) = cat(-x[half:], x[:half]); one roll instead of two slices, a
+    negation and a concatenation per block."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 class Projection:
@@ -109,7 +110,7 @@ class LeanDecoder:
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.capacity = 0
-        self.keys = self.values = self.cos = self.sin = None
+        self.keys = self.values = self.cos = self.sin_signed = None
 
     @staticmethod
     def _block(layer: nn.Module) -> Block:
@@ -138,7 +139,7 @@ class LeanDecoder:
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
         cos, sin = self.rotary(probe, positions)  # [1, length, head_dim], as the model computes them
-        self.cos, self.sin = cos[:, None], sin[:, None]
+        self.cos, self.sin_signed = cos[:, None], signed_sin(sin[:, None])
         self.capacity = length
 
     def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -149,14 +150,14 @@ class LeanDecoder:
             raise UsageError("lowbit: the lean decoder takes several tokens only as a prompt at position 0")
         end = start + n
         self.reserve(end)
-        cos, sin = self.cos[:, :, start:end], self.sin[:, :, start:end]
+        cos, sin_signed = self.cos[:, :, start:end], self.sin_signed[:, :, start:end]
         qk_heads = self.q_heads + self.kv_heads
         x = self.embed(ids)
         for i, block in enumerate(self.blocks):
             h = rms_norm(x, block.attn_norm, self.eps)
             qkv = block.qkv(h).view(1, n, -1, self.head_dim).transpose(1, 2)
             qk = qkv[:, :qk_heads]
-            qk = qk * cos + rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin_signed
             self.keys[i, :, :, start:end] = qk[:, self.q_heads:]
             self.values[i, :, :, start:end] = qkv[:, qk_heads:]
             a = F.scaled_dot_product_attention(

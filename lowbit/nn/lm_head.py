@@ -1,5 +1,6 @@
 """A lighter output layer for decoding: the model's lm_head read as bfloat16 or as 4-bit codes
-(with or without a second 4-bit layer for the first one's rounding error).
+(with or without a second 4-bit layer for the first one's rounding error, for every token or
+for the most likely ones).
 
 A small model's lm_head is much of what a decoded token reads (SmolLM2-135M: 49152 x 576
 fp32, 113 MB, tied to the embedding). These copies are built at load time, for
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import UsageError
+from lowbit.kernels import ops
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.quant.grid import rtn
 
@@ -23,11 +25,13 @@ LM_HEAD_CHOICES = {
     "bf16": "a bfloat16 copy of the weight",
     "q4": "4-bit round-to-nearest codes, groups of 32 inputs, fp16 scales and zeros",
     "q4r": "q4 plus a second 4-bit layer coding its rounding error (near-lossless, twice q4's bytes)",
+    "q4t": "q4 for every token, q4r for q4's 64 most likely tokens (q4r's choices at q4's bytes)",
 }
 Q4_GROUP_SIZE = 32
 # fp16 scales and zeros: fp32 ones would add a fifth to what the head reads per token,
 # and their rounding is far below a 4-bit step (the residual of q4r absorbs it too)
 Q4_SCALE_DTYPE = torch.float16
+TOP_CANDIDATES = 64  # q4t: the tokens of each row whose logits get q4r's residual
 
 
 class BFloat16Linear(nn.Module):
@@ -43,20 +47,26 @@ class BFloat16Linear(nn.Module):
         return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
+def residual_layers(weight: torch.Tensor) -> tuple[QuantLinear, QuantLinear]:
+    """W1 rounds W to 4 bits, W2 rounds what W1 missed."""
+    weight = weight.detach().float()
+    layers = []
+    for _ in range(2):
+        layers.append(QuantLinear.from_quantized(*rtn(weight, 4, Q4_GROUP_SIZE, Q4_SCALE_DTYPE),
+                                                 bits=4, group_size=Q4_GROUP_SIZE))
+        weight = weight - layers[-1].dense_weight()
+    return layers[0], layers[1]
+
+
 class ResidualQuantLinear(nn.Module):
-    """y = x @ (W1 + W2)^T (+ bias): W1 rounds W to 4 bits, W2 rounds what W1 missed. Both
-    layers' rows are stacked into one QuantLinear, so one kernel call reads both."""
+    """y = x @ (W1 + W2)^T (+ bias), W1 and W2 from `residual_layers`. Both layers' rows are
+    stacked into one QuantLinear, so one kernel call reads both."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        weight = weight.detach().float()
-        layers = []
-        for _ in range(2):
-            layers.append(QuantLinear.from_quantized(*rtn(weight, 4, Q4_GROUP_SIZE, Q4_SCALE_DTYPE),
-                                                     bits=4, group_size=Q4_GROUP_SIZE))
-            weight = weight - layers[-1].dense_weight()
-        self.stacked = QuantLinear.concat_rows(layers)
-        self.out_features = layers[0].out_features
+        first, second = residual_layers(weight)
+        self.stacked = QuantLinear.concat_rows([first, second])
+        self.out_features = first.out_features
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def dense_weight(self) -> torch.Tensor:
@@ -67,6 +77,34 @@ class ResidualQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stacked(x)
         y = y[..., :self.out_features] + y[..., self.out_features:]
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class TopRefinedQuantLinear(nn.Module):
+    """x @ W1^T for every output, and x @ (W1 + W2)^T (ResidualQuantLinear's value) for the
+    `candidates` largest outputs of each row of x @ W1^T (+ bias). For an lm_head: q4r's logits
+    for the tokens decoding can choose, q4's for the rest, at q4's bytes per token plus the
+    candidates' rows of W2. Greedy decoding picks q4r's token unless it lies outside q4's top
+    `candidates`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 candidates: int = TOP_CANDIDATES):
+        super().__init__()
+        self.first, self.second = residual_layers(weight)
+        self.candidates = min(candidates, self.first.out_features)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x)
+        top = y.topk(self.candidates, dim=-1).indices
+        if x.numel() == x.shape[-1]:  # one row (decoding): W2's rows of the candidates only
+            rows = top.reshape(-1)
+            second = self.second
+            refinement = ops.linear(x, second.packed[rows], second.scales[rows], second.zeros[rows],
+                                    second.bits, second.group_size)
+        else:
+            refinement = self.second(x).gather(-1, top)
+        y = y.scatter_add(-1, top, refinement)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -87,6 +125,8 @@ def decoding_lm_head(head: nn.Module, choice: str) -> nn.Module:
     with torch.no_grad():
         if choice == "q4r":
             return ResidualQuantLinear(head.weight, head.bias)
+        if choice == "q4t":
+            return TopRefinedQuantLinear(head.weight, head.bias)
         return QuantLinear.from_linear(head, bits=4, group_size=Q4_GROUP_SIZE, scale_dtype=Q4_SCALE_DTYPE)
 
 
@@ -96,6 +136,8 @@ def describe_lm_head(head: nn.Module) -> str:
         return f"{head.bits}-bit g{head.group_size} lm_head"
     if isinstance(head, ResidualQuantLinear):
         return "4+4-bit residual g32 lm_head"
+    if isinstance(head, TopRefinedQuantLinear):
+        return f"4-bit g32 lm_head, 4+4-bit for its top {head.candidates}"
     if isinstance(head, BFloat16Linear):
         return "bf16 lm_head"
     weight = getattr(head, "weight", None)

@@ -33,16 +33,16 @@ def test_generate_greedy_prints_the_models_continuation_and_its_speed(tiny_hf, t
     assert expected_path in err, err
 
 
-def test_generate_decodes_with_a_q4r_lm_head_by_default(tiny_checkpoint, capsys):
+def test_generate_decodes_with_a_q4t_lm_head_by_default(tiny_checkpoint, capsys):
     code, out, err = run(["generate", str(tiny_checkpoint), "-p", "the old", "-n", "10"], capsys)
     assert code == 0, err
-    assert "lean path (4 fused projections, 4+4-bit residual g32 lm_head)" in err, err
+    assert "lean path (4 fused projections, 4-bit g32 lm_head, 4+4-bit for its top 64)" in err, err
     model = lowbit.load_quantized(tiny_checkpoint)
     tokenizer = lowbit.load_tokenizer(tiny_checkpoint)
     ids = tokenizer("the old", return_tensors="pt").input_ids
     config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.eos_token_id)
-    generated = Decoding(model, "transformers", "q4r").generate(ids, config)
+    generated = Decoding(model, "transformers", "q4t").generate(ids, config)
     assert out == "the old" + tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 

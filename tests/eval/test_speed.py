@@ -28,5 +28,5 @@ def test_model_speed_times_the_given_layers():
     layers = [model.model.layers[0].mlp.up_proj, model.model.layers[1].self_attn.q_proj]
     measured = speed.model_speed(model, layers, torch.randint(0, 128, (1, 4)), new_tokens=4, seconds=0.05)
     assert measured.linear_layers == 2
-    assert measured.decoding.startswith("lean path (0 fused projections, 4+4-bit residual g32 lm_head")
+    assert measured.decoding.startswith("lean path (0 fused projections, 4-bit g32 lm_head, 4+4-bit for its top 64")
     assert 0 < measured.linear_seconds < 1 and 0 < measured.decode_tokens_per_s < float("inf")

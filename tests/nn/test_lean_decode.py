@@ -12,7 +12,7 @@ from lowbit.errors import UsageError
 from lowbit.nn import QuantLinear, quantize_rtn
 from lowbit.nn.decoding import Decoding
 from lowbit.nn.lean_decode import LeanDecoder, lean_unsupported
-from lowbit.nn.lm_head import BFloat16Linear, decoding_lm_head
+from lowbit.nn.lm_head import BFloat16Linear, decoding_lm_head, describe_lm_head
 
 
 def quant_layer(n, k=128, bits=3, group_size=32, bias=False):
@@ -200,6 +200,34 @@ def test_q4r_lm_head_adds_a_rounded_residual():
         step = q4r.stacked.scales[300:].float().repeat_interleave(32, 1)
         assert ((q4r.dense_weight() - head.weight).abs() <= FP16_HALF_STEP * step).all()
         assert (q4r.dense_weight() - head.weight).abs().max() < (first.dense_weight() - head.weight).abs().max() / 8
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_q4t_lm_head_refines_the_top_candidates_of_q4(rows):
+    """q4's logits, with q4r's in place of q4's `candidates` largest of each row; one row
+    (which reads only the candidates' residual rows) agrees with a row of many."""
+    out = int(torch.randint(70, 400, ()))
+    head = torch.nn.Linear(64, out)
+    q4t, q4r, q4 = (decoding_lm_head(head, choice) for choice in ("q4t", "q4r", "q4"))
+    assert torch.equal(q4t.first.codes(), q4.codes()) and torch.equal(q4t.second.codes(), q4r.stacked.codes()[out:])
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        y, first, refined = q4t(x), q4t.first(x), q4r(x)
+        top = first.topk(64, dim=-1).indices
+        expected = first.scatter(-1, top, (refined - head.bias).gather(-1, top)) + head.bias
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(y.argmax(-1), refined.argmax(-1))
+        one_at_a_time = torch.cat([q4t(x[i:i + 1]) for i in range(rows)])
+        torch.testing.assert_close(one_at_a_time, q4t(x.view(rows, 1, 64)).view(rows, -1), rtol=1e-5, atol=1e-5)
+    assert describe_lm_head(q4t) == "4-bit g32 lm_head, 4+4-bit for its top 64"
+
+
+def test_q4t_takes_every_output_of_a_head_with_fewer_than_its_candidates():
+    head = torch.nn.Linear(32, 40, bias=False)
+    q4t, q4r = decoding_lm_head(head, "q4t"), decoding_lm_head(head, "q4r")
+    x = torch.randn(1, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(q4t(x), q4r(x), rtol=1e-5, atol=1e-5)
 
 
 def test_lm_head_choices_keep_what_they_should_and_refuse_the_rest():
