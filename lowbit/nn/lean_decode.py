@@ -111,6 +111,7 @@ class LeanDecoder:
         self.device = self.embed.weight.device
         self.capacity = 0
         self.keys = self.values = self.cos = self.sin_signed = None
+        self.block_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @staticmethod
     def _block(layer: nn.Module) -> Block:
@@ -136,6 +137,7 @@ class LeanDecoder:
             keys[:, :, :, :self.capacity] = self.keys
             values[:, :, :, :self.capacity] = self.values
         self.keys, self.values = keys, values
+        self.block_caches = list(zip(keys.unbind(0), values.unbind(0)))  # views, one per block
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
         cos, sin = self.rotary(probe, positions)  # [1, length, head_dim], as the model computes them
@@ -153,15 +155,15 @@ class LeanDecoder:
         cos, sin_signed = self.cos[:, :, start:end], self.sin_signed[:, :, start:end]
         qk_heads = self.q_heads + self.kv_heads
         x = self.embed(ids)
-        for i, block in enumerate(self.blocks):
+        for block, (keys, values) in zip(self.blocks, self.block_caches):
             h = rms_norm(x, block.attn_norm, self.eps)
             qkv = block.qkv(h).view(1, n, -1, self.head_dim).transpose(1, 2)
             qk = qkv[:, :qk_heads]
             qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin_signed
-            self.keys[i, :, :, start:end] = qk[:, self.q_heads:]
-            self.values[i, :, :, start:end] = qkv[:, qk_heads:]
+            keys[:, :, start:end] = qk[:, self.q_heads:]
+            values[:, :, start:end] = qkv[:, qk_heads:]
             a = F.scaled_dot_product_attention(
-                qk[:, :self.q_heads], self.keys[i, :, :, :end], self.values[i, :, :, :end],
+                qk[:, :self.q_heads], keys[:, :, :end], values[:, :, :end],
                 is_causal=n > 1, scale=self.scaling, enable_gqa=True)
             x = x + block.o_proj(a.transpose(1, 2).reshape(1, n, -1))
             h = rms_norm(x, block.mlp_norm, self.eps)
