@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -68,21 +69,22 @@ def init_from_environment(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return device
 
 
-def shutdown(failed: bool = False, exit_code: int = 1) -> None:
-    """Leaves the process group. After a failure gloo cannot tear the group down safely: its
-    threads abort the process (std::terminate) now and then when a peer has gone, whether the
-    group is destroyed or left to the interpreter's exit. So a failed rank ends its process at
-    exit with `exit_code` through os._exit, after the error is printed and the output flushed."""
+def shutdown(exit_code: int, failed: bool = False) -> None:
+    """Leaves the process group, and has the process end at exit with `exit_code` through
+    os._exit, once the output is flushed: gloo's threads abort a process now and then
+    (std::terminate) in the interpreter's teardown when a peer has exited first, after a
+    success as after a failure. After a failure the group is not destroyed either, since a
+    peer may be gone."""
     global _cpu_group
     if dist.is_available() and dist.is_initialized():
-        if failed:
-            atexit.register(_exit_without_teardown, exit_code)
-        else:
+        if not failed:
             dist.destroy_process_group()
+        atexit.register(_exit_without_teardown, exit_code)
     _cpu_group = None
 
 
 def _exit_without_teardown(exit_code: int) -> None:
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

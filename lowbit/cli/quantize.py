@@ -225,9 +225,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         code = quantize_and_report(args, args.device)
     except BaseException as exc:
-        distributed.shutdown(failed=True, exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
+        distributed.shutdown(130 if isinstance(exc, KeyboardInterrupt) else 1, failed=True)
         raise
-    distributed.shutdown()
+    distributed.shutdown(code)
     return code
 
 

@@ -50,12 +50,12 @@ def main(settings: dict, output: str) -> int:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output)
     except lowbit.LowbitError as exc:
         print(f"rank {rank}: {exc}", file=sys.stderr)
-        distributed.shutdown(failed=True)
+        distributed.shutdown(1, failed=True)
         return 1
     except BaseException:
-        distributed.shutdown(failed=True)
+        distributed.shutdown(1, failed=True)
         raise
-    distributed.shutdown()
+    distributed.shutdown(0)
     return 0
 
 

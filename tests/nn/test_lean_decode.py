@@ -84,6 +84,9 @@ def lean_generate(decoder, ids, n):
 def tiny_quantized(family="llama"):
     model = tiny_model(family, layers=3)
     quantize_rtn(model, 3, 32)
+    # transformers' generate falls back to the model's EOS token where a GenerationConfig
+    # leaves it unset: without this, a greedy run that draws it stops early there only
+    model.generation_config.eos_token_id = None
     return model
 
 
