@@ -62,7 +62,7 @@ from lowbit.nn.modules import incompatibility
 
 DEFAULT_METHOD = "gptq"
 # speeches and encyclopedia text: calibrating on the speeches alone fitted them, at 1.80x the
-# full-precision wiki perplexity against 1.49x from both (BENCHMARKS.md, "Calibration text")
+# full-precision wiki perplexity against 1.52x from both (BENCHMARKS.md, "Calibration text")
 DEFAULT_CALIBRATION = ("sotu", "wiki")
 SPEED_NEW_TOKENS = 32
 

@@ -109,8 +109,8 @@ class GPTQ(StartsFromGPTQ, Method):
 
     @classmethod
     def quick(cls, config):
-        """The default job: 16 windows and, at 2 and 3 bits, two end-to-end epochs (6
-        minutes for the default model on a 2-core CPU). At 4 bits the stage made W4g64
+        """The default job: 16 windows and, at 2 and 3 bits, two end-to-end epochs (3 to 6
+        minutes of calibration for the default model on a 2-core CPU). At 4 bits the stage made W4g64
         worse (wiki 16.0 -> 17.5) and W4g192 better (17.0 -> 16.6): not a default there
         (BENCHMARKS.md, "Ablation over three seeds")."""
         return {"nsamples": 16, "seqlen": 512, "e2e_epochs": 2 if config.bits <= 3 else 0}
